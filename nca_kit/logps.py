@@ -114,8 +114,9 @@ def tokenize_reward_record(
       is at most ``max_length`` (a cut response loses its EOS: it did not end there).
 
     Returns ``{"prompt_input_ids": list[int], "response_input_ids": list[list[int]], "rewards": list[float],
-    "length": int, "prompt_truncated": bool, "responses_truncated": int}``; ``length`` is the number of tokens
-    of the K sequences together (used to group batches of similar cost).
+    "length": int, "prompt_truncated": bool, "responses_truncated": int}``; ``length`` is the token count of the
+    longest of the K sequences (prompt + longest response): the padded width the record forces on its batch, which is
+    what length grouping sorts by.
 
     Raises :class:`PromptTooLongError` when the (truncated) prompt leaves fewer than ``min_response_tokens`` tokens
     for a response, which happens only when ``max_prompt_length`` is close to ``max_length``.
@@ -149,7 +150,7 @@ def tokenize_reward_record(
         "prompt_input_ids": prompt_ids,
         "response_input_ids": responses,
         "rewards": record["rewards"],
-        "length": sum(len(prompt_ids) + len(r) for r in responses),
+        "length": len(prompt_ids) + max(len(r) for r in responses),
         "prompt_truncated": prompt_truncated,
         "responses_truncated": n_cut,
     }

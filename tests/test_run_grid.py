@@ -1,0 +1,83 @@
+"""scripts/run_grid.py: run order, parameter parsing, and the collection of finished runs into CSV, table, figures.
+
+Runs are not executed here (each is a notebook with a real model); the collection step reads the ``results.json``
+files a run writes, so synthetic ones with the same schema exercise it fully.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def grid():
+    spec = importlib.util.spec_from_file_location("run_grid", REPO / "scripts" / "run_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_record(method: str, k: int, seed: int, *, acc: float, chosen: list[float]) -> dict:
+    summary = lambda a: {"n_prompts": 100, "greedy_accuracy": a, "sample_reward": 10 * a, "sample_accuracy": a,  # noqa: E731
+                         "kl": 0.0 if a == 0.25 else 0.1}
+    steps = list(range(1, len(chosen) + 1))
+    return {"run": f"{method}_k{k}_s{seed}", "method": method, "loss_type": method, "k": k, "alpha": 0.01,
+            "beta": 0.1, "lr": 2e-4, "steps": len(chosen), "batch": 4, "seed": seed, "smoke": False,
+            "train_rows": 4 * len(chosen), "train_seconds": 1.0, "base": summary(0.25), "trained": summary(acc),
+            "trend": {"step": steps, "chosen": chosen, "rejected": [c - 1.0 for c in chosen]}, "final_loss": 0.5}
+
+
+def write_runs(out: Path, records: list[dict]) -> None:
+    for r in records:
+        folder = out / "tiny_runs" / r["run"]
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(r))
+
+
+def test_plan_runs_every_method_of_a_seed_before_the_next_seed(grid):
+    runs = grid.plan(["dpo", "infonca", "nca"], [0, 1], [2, 3])
+    assert runs[:3] == [("dpo", 4, 0), ("infonca", 4, 0), ("nca", 4, 0)]
+    assert runs[3:6] == [("dpo", 4, 1), ("infonca", 4, 1), ("nca", 4, 1)]
+    assert set(runs[6:]) == {(m, k, s) for m in ("infonca", "nca") for k in (2, 3) for s in (0, 1)}
+    # the K ablation always covers both reward methods, and K = 4 is not run twice
+    assert grid.plan(["nca"], [0], [2, 4]) == [("nca", 4, 0), ("infonca", 2, 0), ("nca", 2, 0)]
+
+
+def test_parse_value_reads_python_literals_and_keeps_text(grid):
+    assert grid.parse_value("0.5") == 0.5 and grid.parse_value("True") is True and grid.parse_value("12") == 12
+    assert grid.parse_value("cuda") == "cuda"
+
+
+def test_collect_writes_csv_table_and_figures_with_mean_and_range(grid, tmp_path):
+    records = [fake_record("dpo", 4, s, acc=a, chosen=[0.0, -0.5, -1.0, -1.5]) for s, a in ((0, 0.3), (1, 0.5))]
+    records += [fake_record("nca", k, 0, acc=0.4, chosen=[0.0, 0.1, 0.2, 0.3]) for k in (2, 4)]
+    write_runs(tmp_path, records)
+    grid.collect(tmp_path, docs=tmp_path / "docs")
+
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert {r["run"] for r in rows} == {"dpo_k4_s0", "dpo_k4_s1", "nca_k2_s0", "nca_k4_s0"}
+    dpo0 = next(r for r in rows if r["run"] == "dpo_k4_s0")
+    assert float(dpo0["greedy_accuracy"]) == 0.3 and float(dpo0["base_greedy_accuracy"]) == 0.25
+    assert float(dpo0["chosen_delta_final"]) == -1.5
+    assert float(dpo0["chosen_delta_late"]) == pytest.approx(-1.25)  # mean of the second half of the steps
+
+    table = (tmp_path / "results_table.md").read_text()
+    assert "| base model | – | – | 0.2500 |" in table
+    assert "| dpo | 4 | 2 | 0.4000 [0.3000, 0.5000] |" in table  # mean [min, max] over the two seeds
+    assert "| nca | 2 | 1 | 0.4000 |" in table
+    for name in ("results.png", "likelihood_trends.png", "k_ablation.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+        assert (tmp_path / "docs" / f"tiny_{name}").exists()
+
+
+def test_collect_without_runs_says_so(grid, tmp_path, capsys):
+    grid.collect(tmp_path, docs=None)
+    assert "no results.json" in capsys.readouterr().out
+    assert not (tmp_path / "results.csv").exists()
