@@ -153,6 +153,22 @@ def test_notebook_hygiene(notebook_path):
     assert not problems, f"{notebook_path.name}:\n  " + "\n  ".join(problems)
 
 
+def test_papermill_infers_every_parameter(notebook_path, caplog):
+    """``papermill --help-notebook`` lists each parameter with its comment; a line it cannot parse (e.g. an ``=``
+    inside the comment) is dropped from that help with only a log warning."""
+    import logging
+
+    from papermill.inspection import inspect_notebook
+
+    nb = nbformat.read(str(notebook_path), as_version=4)
+    assigned = [t.id for node in ast.parse(nb.cells[1].source).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)]
+    with caplog.at_level(logging.WARNING):
+        inferred = inspect_notebook(str(notebook_path))
+    assert list(inferred) == assigned, [r.getMessage() for r in caplog.records]
+    assert all(p["help"] for p in inferred.values()), "every parameter needs a '# what it does' comment"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The checks catch what they claim to catch.
 # --------------------------------------------------------------------------------------------------------------------
