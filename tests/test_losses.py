@@ -234,6 +234,28 @@ def test_nca_gradient_sign_at_initialisation(k):
     assert torch.equal(torch.sign(force)[nonzero], torch.sign(w - 1 / k)[nonzero])
 
 
+@pytest.mark.parametrize("k", [2, 4])
+def test_nca_gradient_is_half_infonca_at_initialisation(k):
+    """At pi = mu, grad NCA = grad InfoNCA / 2 for every response: a scale-invariant optimiser (Adam) moves both alike
+    until the implicit rewards grow; away from pi = mu the two differ."""
+    ref = _rand(6, k, seed=3 * k, scale=5)
+    rewards = _rand(6, k, seed=3 * k + 1, scale=3)
+    grads = {}
+    for loss_type in ("infonca", "nca"):
+        pol = ref.clone().requires_grad_(True)
+        losses, _ = reward_loss(pol, ref, rewards, alpha=0.7, beta=0.2, loss_type=loss_type)
+        losses.sum().backward()
+        grads[loss_type] = pol.grad
+    torch.testing.assert_close(grads["nca"], grads["infonca"] / 2)
+    moved = {}
+    for loss_type in ("infonca", "nca"):
+        pol = (ref + 3 * _rand(6, k, seed=99)).requires_grad_(True)
+        losses, _ = reward_loss(pol, ref, rewards, alpha=0.7, beta=0.2, loss_type=loss_type)
+        losses.sum().backward()
+        moved[loss_type] = pol.grad
+    assert not torch.allclose(moved["nca"], moved["infonca"] / 2, atol=1e-4)
+
+
 @pytest.mark.parametrize("loss_type", ["infonca", "nca"])
 def test_autograd_matches_hand_derived_gradient(loss_type):
     """dL/dr_theta: InfoNCA softmax(r_theta) - w; NCA -w*σ(-r_theta) + σ(r_theta)/K; times beta w.r.t. log pi."""
