@@ -178,10 +178,11 @@ def plot_reward_histogram(rewards, *, title: str, threshold: float | None = None
     return save(fig, path)
 
 
-def plot_band_lines(series: dict, *, title: str, xlabel: str, ylabel: str, hline=None, path=None):
+def plot_band_lines(series: dict, *, title: str, xlabel: str, ylabel: str, hline=None, xticks=None, path=None):
     """Mean lines with a shaded spread: ``series`` maps a label to ``(x, mean, low, high)`` (e.g. min/max over seeds).
 
-    ``hline`` is an optional ``(value, label)`` reference line (e.g. ``(0, "reference")``).
+    ``hline`` is an optional ``(value, label)`` reference line (e.g. ``(0, "reference")``); ``xticks`` optional tick
+    positions (e.g. the K values of an ablation).
     """
     fig, ax = plt.subplots(figsize=(6.5, 4))
     if hline is not None:
@@ -189,6 +190,8 @@ def plot_band_lines(series: dict, *, title: str, xlabel: str, ylabel: str, hline
     for name, (xs, mean, low, high) in series.items():
         (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=name)
         ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    if xticks is not None:
+        ax.set_xticks(list(xticks))
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend()
     return save(fig, path)

@@ -77,6 +77,20 @@ def test_collect_writes_csv_table_and_figures_with_mean_and_range(grid, tmp_path
         assert (tmp_path / "docs" / f"tiny_{name}").exists()
 
 
+def test_k_ablation_compares_only_seeds_run_at_every_k(grid):
+    records = [fake_record("nca", 4, s, acc=0.3, chosen=[0.0]) for s in (0, 1, 2)]
+    records += [fake_record("nca", 2, 0, acc=0.3, chosen=[0.0])]
+    records += [fake_record("infonca", k, 0, acc=0.3, chosen=[0.0]) for k in (2, 4)]
+    rows = [grid.flat_row(r) for r in records]
+    for row, reward in zip(rows, (1.0, 5.0, 9.0, 2.0, 3.0, 4.0)):
+        row["sample_reward"] = reward
+    series, common = grid.k_ablation_series(grid.group(rows))
+    assert common == {0}
+    assert series["nca"] == ([2, 4], [2.0, 1.0], [2.0, 1.0], [2.0, 1.0])  # seed 0 only, not the mean 5.0 of 3 seeds
+    assert series["infonca"][:2] == ([2, 4], [3.0, 4.0])
+    assert grid.k_ablation_series(grid.group(rows[:3])) == ({}, set())  # one K: no curve
+
+
 def test_collect_without_runs_says_so(grid, tmp_path, capsys):
     grid.collect(tmp_path, docs=None)
     assert "no results.json" in capsys.readouterr().out
