@@ -198,6 +198,12 @@ def k_ablation_series(groups: dict) -> tuple[dict, set]:
     return series, common
 
 
+def _beta_label(records: list[dict]) -> str:
+    """`` (β = 0.1)`` when every run used the same β, else empty: the Fig. 5 trend depends on it."""
+    betas = {r.get("beta") for r in records}
+    return f" (β = {betas.pop():g})" if len(betas) == 1 and None not in betas else ""
+
+
 def figures(rows: list[dict], records: list[dict], out: Path) -> list[Path]:
     sys.path.insert(0, str(REPO))
     import matplotlib
@@ -241,7 +247,8 @@ def figures(rows: list[dict], records: list[dict], out: Path) -> list[Path]:
         path = out / "likelihood_trends.png"
         plots.plot_band_lines(trend_series, hline=(0.0, "reference (step 0)"), xlabel="optimizer step",
                               ylabel="log π(y|x) − log μ(y|x) on the step's prompts [nats]",
-                              title="Fig. 5 at 135M: likelihood of the best / worst training answer", path=path)
+                              title=f"Fig. 5 at 135M{_beta_label(records)}: likelihood of the best / worst "
+                                    "training answer", path=path)
         paths.append(path)
     series, common = k_ablation_series(groups)
     if series:
