@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
 
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from nca_kit.logps import RewardCollator
+    from nca_kit.logps import RewardCollator, padded_length
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -237,7 +237,7 @@ def main(argv=None) -> dict:
     for rec in dataset:
         with torch.no_grad():
             rec["reference_logps"] = [0.0] * 4  # values do not matter for speed; the cached path is what trains
-    total = [len(r["prompt_input_ids"]) + max(len(x) for x in r["response_input_ids"]) for r in dataset]  # as the kit
+    total = [padded_length(r["prompt_input_ids"], r["response_input_ids"]) for r in dataset]
     bp = args.batch_prompts
     naive_order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(2)).tolist()
     grouped_order = list(LengthGroupedSampler(bp, lengths=total, generator=torch.Generator().manual_seed(2)))

@@ -33,6 +33,7 @@ __all__ = [
     "PromptTooLongError",
     "normalize_prompt",
     "to_reward_record",
+    "padded_length",
     "tokenize_reward_record",
     "tokenize_reward_dataset",
     "RewardCollator",
@@ -98,6 +99,11 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def padded_length(prompt_ids: list[int], response_ids: list[list[int]]) -> int:
+    """Prompt + longest response: the width a record's K sequences are padded to, what length grouping sorts by."""
+    return len(prompt_ids) + max(len(r) for r in response_ids)
+
+
 def tokenize_reward_record(
     record: dict,
     tokenizer,
@@ -150,7 +156,7 @@ def tokenize_reward_record(
         "prompt_input_ids": prompt_ids,
         "response_input_ids": responses,
         "rewards": record["rewards"],
-        "length": len(prompt_ids) + max(len(r) for r in responses),
+        "length": padded_length(prompt_ids, responses),
         "prompt_truncated": prompt_truncated,
         "responses_truncated": n_cut,
     }
