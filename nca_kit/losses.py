@@ -51,6 +51,10 @@ import torch.nn.functional as F
 __all__ = [
     "REWARD_LOSS_TYPES",
     "PREFERENCE_LOSS_TYPES",
+    "LOSS_TYPES_FOR",
+    "REWARD_LOSSES",
+    "PREFERENCE_LOSSES",
+    "check_loss_type",
     "soft_labels",
     "implicit_rewards",
     "reward_loss",
@@ -59,10 +63,15 @@ __all__ = [
     "nca_loss",
     "dpo_best_vs_rest_loss",
     "dpo_all_pairs_loss",
+    "dpo_pair_loss",
+    "nca_pair_loss",
+    "ipo_pair_loss",
 ]
 
-REWARD_LOSS_TYPES = ("infonca", "nca", "dpo_best_vs_rest", "dpo_all_pairs")
-PREFERENCE_LOSS_TYPES = ("dpo", "infonca", "nca", "ipo")
+REWARD_LOSS_TYPES = ("infonca", "nca", "dpo_best_vs_rest", "dpo_all_pairs")  # keys of REWARD_LOSSES (below)
+PREFERENCE_LOSS_TYPES = ("dpo", "infonca", "nca", "ipo")  # keys of PREFERENCE_LOSSES (below)
+# Which loss types each kind of data takes ("preference" is the toy's name for pairwise data).
+LOSS_TYPES_FOR = {"reward": REWARD_LOSS_TYPES, "pairwise": PREFERENCE_LOSS_TYPES, "preference": PREFERENCE_LOSS_TYPES}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -92,23 +101,71 @@ def _check_same_shape(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tens
         raise ValueError(f"{name} has shape {tuple(x.shape)} but {ref_name} has shape {tuple(ref.shape)}")
 
 
-def _check_beta(beta: float) -> None:
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not math.isfinite(beta) or beta <= 0:
+def _scalar(name: str, value) -> float:
+    """A Python float from an int/float, a NumPy scalar or a 0-d tensor; anything else is a clear error."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got the bool {value!r}")
+    if isinstance(value, (str, bytes)):
+        raise ValueError(f"{name} must be a number, got the string {value!r}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dim() != 0:
+            raise ValueError(f"{name} must be a number or a 0-d tensor, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    try:
+        return float(value)  # int, float, numpy scalars (np.float32(0.1), np.int64(1)), Fraction, Decimal
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}") from None
+
+
+def _check_beta(beta) -> float:
+    value = _scalar("beta", beta)
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    return value
 
 
-def _check_alpha(alpha: float) -> None:
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha < 0:
+def _check_alpha(alpha) -> float:
+    value = _scalar("alpha", alpha)
+    if not math.isfinite(value) or value < 0:
         raise ValueError(f"alpha must be a finite number >= 0 (0 means the alpha -> 0 limit), got {alpha!r}")
+    return value
 
 
-def _normalise_loss_type(loss_type: str, allowed: tuple[str, ...]) -> str:
-    if not isinstance(loss_type, str) or loss_type.lower() not in allowed:
+def _check_loss_finite(losses: torch.Tensor, beta: float) -> torch.Tensor:
+    """Finite inputs must give a finite loss: say why not instead of returning NaN/inf."""
+    if not bool(torch.isfinite(losses.detach()).all()):
+        raise ValueError(f"the loss overflowed (non-finite) although its inputs are finite: beta = {beta!r} times the "
+                         "log-ratio log(pi/mu) exceeds the float range; lower beta or check the log-probs")
+    return losses
+
+
+def check_loss_type(loss_type: str, data_kind: str | None = None) -> str:
+    """The lower-cased ``loss_type`` if it exists (and fits ``data_kind``: ``"reward"`` or ``"pairwise"``).
+
+    The one place that says which losses exist and which data each one takes: the toy, :class:`TrainConfig` and the
+    trainer all ask here. Raises a one-line ``ValueError`` naming the argument otherwise.
+    """
+    if data_kind is not None and data_kind not in LOSS_TYPES_FOR:
+        raise ValueError(f"data_kind must be one of {', '.join(LOSS_TYPES_FOR)}, got {data_kind!r}")
+    every = tuple(dict.fromkeys(REWARD_LOSS_TYPES + PREFERENCE_LOSS_TYPES))
+    allowed = every if data_kind is None else LOSS_TYPES_FOR[data_kind]
+    if not isinstance(loss_type, str) or loss_type.lower() not in every:
         raise ValueError(f"loss_type must be one of {', '.join(allowed)} (case-insensitive), got {loss_type!r}")
-    return loss_type.lower()
+    loss_type = loss_type.lower()
+    if data_kind is None:
+        return loss_type
+    if loss_type not in allowed:
+        hint = (" (for DPO on reward data use dpo_best_vs_rest or dpo_all_pairs, or convert to pairs with "
+                "nca_kit.data.rewards_to_pairs)" if data_kind == "reward" else
+                " (for the K-response baselines use reward data)")
+        raise ValueError(f"loss_type {loss_type!r} does not apply to {data_kind} data; use one of "
+                         f"{', '.join(allowed)}{hint}")
+    return loss_type
 
 
 def _check_mask(mask, ref: torch.Tensor, ref_name: str = "policy_logps") -> torch.Tensor:
+    if ref.dim() >= 1 and ref.shape[-1] == 0:
+        raise ValueError(f"{ref_name} has shape {tuple(ref.shape)}: every prompt needs at least one response (K >= 1)")
     if mask is None:
         return torch.ones(ref.shape, dtype=torch.bool, device=ref.device)
     if not isinstance(mask, torch.Tensor):
@@ -149,7 +206,7 @@ def soft_labels(rewards: torch.Tensor, alpha: float, mask: torch.Tensor | None =
     the labels are one-hot on the best response for all practical purposes.
     """
     rewards = _float(_check_tensor("rewards", rewards))
-    _check_alpha(alpha)
+    alpha = _check_alpha(alpha)
     mask = _check_mask(mask, rewards, "rewards")
     _check_finite("rewards", rewards, mask)
     return _soft_labels(rewards, alpha, mask)
@@ -163,7 +220,10 @@ def _soft_labels(rewards: torch.Tensor, alpha: float, mask: torch.Tensor) -> tor
         is_best = (masked == best) & mask
         labels = is_best.to(rewards.dtype)
         return labels / labels.sum(dim=-1, keepdim=True)
-    logits = torch.where(mask, rewards / alpha, torch.full_like(rewards, -math.inf))
+    # Subtract each prompt's best reward before dividing: the differences are <= 0, so a tiny alpha or a huge
+    # reward sends them to -inf (label 0) instead of overflowing to inf - inf = NaN.
+    best = masked.max(dim=-1, keepdim=True).values  # (B, 1)
+    logits = torch.where(mask, (rewards - best) / alpha, torch.full_like(rewards, -math.inf))
     return torch.softmax(logits, dim=-1)  # (B, K)
 
 
@@ -272,7 +332,7 @@ def reward_loss(
     at beta = 1 (Theorems 3.2 and 4.2). InfoNCA fixes ``r_theta`` only up to the per-prompt constant ``c(x)``; NCA
     fixes it: ``c(x) = −log E_mu e^{r/alpha}`` in the population limit (at finite K, see the module docstring).
     """
-    loss_type = _normalise_loss_type(loss_type, REWARD_LOSS_TYPES)
+    loss_type = check_loss_type(loss_type, "reward")
     policy_logps = _check_tensor("policy_logps", policy_logps)
     reference_logps = _check_tensor("reference_logps", reference_logps)
     rewards = _check_tensor("rewards", rewards)
@@ -280,8 +340,8 @@ def reward_loss(
         raise ValueError(f"policy_logps must have shape (B, K), got {tuple(policy_logps.shape)}")
     _check_same_shape("reference_logps", reference_logps, "policy_logps", policy_logps)
     _check_same_shape("rewards", rewards, "policy_logps", policy_logps)
-    _check_alpha(alpha)
-    _check_beta(beta)
+    alpha = _check_alpha(alpha)
+    beta = _check_beta(beta)
     mask = _check_mask(mask, policy_logps)
     _check_finite("policy_logps", policy_logps, mask)
     _check_finite("reference_logps", reference_logps, mask)
@@ -294,14 +354,7 @@ def reward_loss(
     rewards = torch.where(mask, _float(rewards), zeros)
 
     model_rewards = implicit_rewards(policy, reference, beta)  # (B, K)
-    if loss_type == "infonca":
-        losses = infonca_loss(model_rewards, _soft_labels(rewards, alpha, mask), mask)
-    elif loss_type == "nca":
-        losses = nca_loss(model_rewards, _soft_labels(rewards, alpha, mask), mask)
-    elif loss_type == "dpo_best_vs_rest":
-        losses = dpo_best_vs_rest_loss(model_rewards, rewards, mask)
-    else:
-        losses = dpo_all_pairs_loss(model_rewards, rewards, mask)
+    losses = _check_loss_finite(REWARD_LOSSES[loss_type](model_rewards, rewards, mask, alpha), beta)  # (B,)
     detached = torch.where(mask, model_rewards.detach(), torch.zeros_like(model_rewards))
     return losses, detached
 
@@ -337,7 +390,7 @@ def preference_loss(
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, each ``(B,)``; the rewards are detached.
     """
-    loss_type = _normalise_loss_type(loss_type, PREFERENCE_LOSS_TYPES)
+    loss_type = check_loss_type(loss_type, "pairwise")
     names = ("policy_chosen_logps", "reference_chosen_logps", "policy_rejected_logps", "reference_rejected_logps")
     tensors = (policy_chosen_logps, reference_chosen_logps, policy_rejected_logps, reference_rejected_logps)
     for name, t in zip(names, tensors):
@@ -346,17 +399,43 @@ def preference_loss(
         raise ValueError(f"policy_chosen_logps must have shape (B,), got {tuple(policy_chosen_logps.shape)}")
     for name, t in zip(names[1:], tensors[1:]):
         _check_same_shape(name, t, names[0], policy_chosen_logps)
-    _check_beta(beta)
+    beta = _check_beta(beta)
     for name, t in zip(names, tensors):
         _check_finite(name, t)
 
     chosen = implicit_rewards(policy_chosen_logps, reference_chosen_logps, beta)  # (B,)
     rejected = implicit_rewards(policy_rejected_logps, reference_rejected_logps, beta)  # (B,)
-    if loss_type in ("dpo", "infonca"):
-        losses = -F.logsigmoid(chosen - rejected)
-    elif loss_type == "nca":
-        losses = -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
-    else:  # ipo
-        h = (chosen - rejected) / beta
-        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    losses = _check_loss_finite(PREFERENCE_LOSSES[loss_type](chosen, rejected, beta), beta)  # (B,)
     return losses, chosen.detach(), rejected.detach()
+
+
+def dpo_pair_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO (Eq. 5) on implicit rewards ``(B,)``: ``−log σ(r_w − r_l)``."""
+    return -F.logsigmoid(chosen - rejected)
+
+
+def nca_pair_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """Pairwise NCA (Eq. 12) on implicit rewards ``(B,)``: ``−log σ(r_w) − ½ log σ(−r_w) − ½ log σ(−r_l)``."""
+    return -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
+
+
+def ipo_pair_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """IPO on implicit rewards ``(B,)``: ``(h − 1/(2β))²`` with ``h = (r_w − r_l) / β`` the log-ratio margin."""
+    h = (chosen - rejected) / beta
+    return (h - 1.0 / (2.0 * beta)) ** 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The one loss dispatch. Reward losses: (model_rewards (B, K), rewards (B, K), mask (B, K), alpha) -> (B,);
+# preference losses: (chosen (B,), rejected (B,), beta) -> (B,). A new loss is one function and one entry here.
+# --------------------------------------------------------------------------------------------------------------------
+
+REWARD_LOSSES = {
+    "infonca": lambda model_rewards, rewards, mask, alpha: infonca_loss(
+        model_rewards, _soft_labels(rewards, alpha, mask), mask),
+    "nca": lambda model_rewards, rewards, mask, alpha: nca_loss(model_rewards, _soft_labels(rewards, alpha, mask), mask),
+    "dpo_best_vs_rest": lambda model_rewards, rewards, mask, alpha: dpo_best_vs_rest_loss(model_rewards, rewards, mask),
+    "dpo_all_pairs": lambda model_rewards, rewards, mask, alpha: dpo_all_pairs_loss(model_rewards, rewards, mask),
+}
+PREFERENCE_LOSSES = {"dpo": dpo_pair_loss, "infonca": dpo_pair_loss, "nca": nca_pair_loss, "ipo": ipo_pair_loss}
+assert tuple(REWARD_LOSSES) == REWARD_LOSS_TYPES and tuple(PREFERENCE_LOSSES) == PREFERENCE_LOSS_TYPES

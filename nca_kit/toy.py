@@ -47,18 +47,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from nca_kit.losses import (
-    PREFERENCE_LOSS_TYPES,
-    REWARD_LOSS_TYPES,
-    dpo_all_pairs_loss,
-    dpo_best_vs_rest_loss,
-    implicit_rewards,
-    infonca_loss,
-    nca_loss,
-    preference_loss,
-    reward_loss,
-    soft_labels,
-)
+from nca_kit.losses import REWARD_LOSSES, check_loss_type, implicit_rewards, preference_loss, reward_loss
 
 __all__ = [
     "ToyWorld",
@@ -447,22 +436,15 @@ def _fast_loss(world: ToyWorld, loss_type: str, alpha: float, beta: float, index
     """
     if index is None:
         return lambda logp: _preference_losses(world, logp, loss_type, beta)
-    loss_type = loss_type.lower()
+    loss_type = check_loss_type(loss_type, "reward")
     reference = world.log_mu()[index].expand(m, -1)  # (M, K)
     rewards = world.reward_tensor()[index].expand(m, -1)  # (M, K)
     mask = torch.ones_like(rewards, dtype=torch.bool)  # (M, K)
-    labels = soft_labels(rewards, alpha)  # (M, K)
     reward_loss(reference, reference, rewards, alpha=alpha, beta=beta, loss_type=loss_type)  # validates once
+    loss_fn = REWARD_LOSSES[loss_type]
 
     def losses_of(logp: torch.Tensor) -> torch.Tensor:
-        model_rewards = implicit_rewards(logp[:, index], reference, beta)  # (M, K)
-        if loss_type == "infonca":
-            return infonca_loss(model_rewards, labels, mask)
-        if loss_type == "nca":
-            return nca_loss(model_rewards, labels, mask)
-        if loss_type == "dpo_best_vs_rest":
-            return dpo_best_vs_rest_loss(model_rewards, rewards, mask)
-        return dpo_all_pairs_loss(model_rewards, rewards, mask)
+        return loss_fn(implicit_rewards(logp[:, index], reference, beta), rewards, mask, alpha)
 
     return losses_of
 
@@ -517,16 +499,10 @@ def train_toy(
     The M policies are independent: the objective is the *sum* of their losses, so each gets the gradient it would
     get alone. Deterministic: no sampling anywhere.
     """
-    if data == "preference":
-        if loss_type.lower() not in PREFERENCE_LOSS_TYPES:
-            raise ValueError(f"preference data takes loss_type in {PREFERENCE_LOSS_TYPES}, got {loss_type!r}")
-        index = None
-    elif data == "reward":
-        if loss_type.lower() not in REWARD_LOSS_TYPES:
-            raise ValueError(f"reward data takes loss_type in {REWARD_LOSS_TYPES}, got {loss_type!r}")
-        index = reward_sample(world, sampling)
-    else:
+    if data not in ("preference", "reward"):
         raise ValueError(f"data must be 'preference' or 'reward', got {data!r}")
+    loss_type = check_loss_type(loss_type, data)
+    index = reward_sample(world, sampling) if data == "reward" else None
     if steps < 0 or record_every < 1:
         raise ValueError(f"need steps >= 0 and record_every >= 1, got steps={steps}, record_every={record_every}")
     params = [p for p in policy.parameters() if p.requires_grad]

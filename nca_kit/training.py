@@ -60,7 +60,7 @@ from nca_kit.logps import (
     tokenize_reward_dataset,
     unwrap_model,
 )
-from nca_kit.losses import PREFERENCE_LOSS_TYPES, REWARD_LOSS_TYPES, preference_loss, reward_loss
+from nca_kit.losses import check_loss_type, preference_loss, reward_loss
 
 __all__ = [
     "TrainConfig",
@@ -146,10 +146,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self.lora_target_modules = tuple(self.lora_target_modules)
-        if self.loss_type.lower() not in set(REWARD_LOSS_TYPES) | set(PREFERENCE_LOSS_TYPES):
-            raise ValueError(f"loss_type must be one of {sorted(set(REWARD_LOSS_TYPES) | set(PREFERENCE_LOSS_TYPES))}"
-                             f", got {self.loss_type!r}")
-        self.loss_type = self.loss_type.lower()
+        self.loss_type = check_loss_type(self.loss_type)
         if self.data_kind not in DATA_KINDS:
             raise ValueError(f"data_kind must be one of {DATA_KINDS}, got {self.data_kind!r}")
         if self.reference not in REFERENCE_MODES:
@@ -340,14 +337,6 @@ def load_training_dataset(config: TrainConfig):
     return dataset, kind
 
 
-def _check_loss_for_kind(loss_type: str, kind: str) -> None:
-    allowed = REWARD_LOSS_TYPES if kind == "reward" else PREFERENCE_LOSS_TYPES
-    if loss_type not in allowed:
-        hint = (" (for DPO on reward data use dpo_best_vs_rest or dpo_all_pairs, or convert to pairs with "
-                "nca_kit.data.rewards_to_pairs)" if kind == "reward" else "")
-        raise ValueError(f"loss_type {loss_type!r} does not apply to {kind} data; use one of {allowed}{hint}")
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------------------------------
@@ -423,7 +412,7 @@ class NCATrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.args.remove_unused_columns:
             raise ValueError("NCATrainer needs TrainingArguments(remove_unused_columns=False)")
-        _check_loss_for_kind(loss_type, "pairwise" if pairwise else "reward")
+        check_loss_type(loss_type, "pairwise" if pairwise else "reward")
         self.loss_type, self.alpha, self.beta = loss_type, alpha, beta
         self.pairwise, self.average_logps = pairwise, average_logps
         self.reference_model = reference_model
@@ -698,7 +687,7 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, dataset=None, call
                              "rewards) nor the pairwise schema (prompt, chosen, rejected)")
         if config.max_train_samples is not None:
             dataset = dataset.select(range(min(config.max_train_samples, len(dataset))))
-    _check_loss_for_kind(config.loss_type, kind)
+    check_loss_type(config.loss_type, kind)
 
     lora = (LoraSettings(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                          target_modules=config.lora_target_modules) if config.use_lora else None)

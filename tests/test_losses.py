@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -463,3 +465,70 @@ def test_loss_type_is_case_insensitive():
     a, _ = reward_loss(pol, ref, rew, alpha=0.1, beta=0.1, loss_type="NCA")
     b, _ = reward_loss(pol, ref, rew, alpha=0.1, beta=0.1, loss_type="nca")
     torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Finite inputs give a finite loss or a clear error; numbers of any numeric type; one loss dispatch
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_empty_k_without_mask_is_an_error():
+    empty = torch.zeros(3, 0)
+    with pytest.raises(ValueError, match="K >= 1"):
+        reward_loss(empty, empty, empty, alpha=0.1, beta=0.1, loss_type="nca")
+
+
+@pytest.mark.parametrize("loss_type", ["infonca", "nca"])
+@pytest.mark.parametrize("alpha, reward", [(1e-40, 1.0), (0.01, 1e37), (1e-30, 1e30)])
+def test_tiny_alpha_or_huge_reward_stays_finite(loss_type, alpha, reward):
+    logps = torch.tensor([[-3.0, -4.0, -5.0]], requires_grad=True)
+    rewards = torch.tensor([[reward, -reward, 0.0]])
+    losses, _ = reward_loss(logps, logps.detach() + 0.1, rewards, alpha=alpha, beta=0.1, loss_type=loss_type)
+    assert torch.isfinite(losses).all()
+    losses.sum().backward()
+    assert torch.isfinite(logps.grad).all()
+    labels = soft_labels(rewards, alpha)
+    assert torch.allclose(labels, torch.tensor([[1.0, 0.0, 0.0]]))
+
+
+def test_overflowing_beta_is_a_clear_error():
+    logps = torch.tensor([[-3.0, -40.0]])
+    with pytest.raises(ValueError, match="overflowed"):
+        reward_loss(logps, torch.zeros_like(logps), torch.tensor([[1.0, 0.0]]), alpha=0.1, beta=1e38,
+                    loss_type="nca")
+
+
+@pytest.mark.parametrize("make", [np.float32, np.float64, lambda x: torch.tensor(x), lambda x: torch.tensor(x).double()])
+def test_numpy_and_tensor_scalars_are_numbers(make):
+    logps = torch.tensor([[-3.0, -4.0]])
+    ref = torch.tensor([[-3.5, -3.5]])
+    rewards = torch.tensor([[1.0, 0.0]])
+    want, _ = reward_loss(logps, ref, rewards, alpha=0.5, beta=0.1, loss_type="nca")
+    got, _ = reward_loss(logps, ref, rewards, alpha=make(0.5), beta=make(0.1), loss_type="nca")
+    assert torch.allclose(want, got)
+    pair, _, _ = preference_loss(logps[:, 0], ref[:, 0], logps[:, 1], ref[:, 1], beta=make(0.1), loss_type="ipo")
+    assert torch.isfinite(pair).all()
+
+
+@pytest.mark.parametrize("bad, match", [(torch.tensor([0.1, 0.2]), "0-d tensor"), ("0.1", "must be a number"),
+                                        (True, "bool"), (np.float64("nan"), "finite")])
+def test_bad_alpha_messages(bad, match):
+    x = torch.tensor([[-1.0, -2.0]])
+    with pytest.raises(ValueError, match=match):
+        reward_loss(x, x, x, alpha=bad, beta=0.1, loss_type="nca")
+
+
+def test_check_loss_type_is_the_one_dispatch():
+    from nca_kit.losses import LOSS_TYPES_FOR, PREFERENCE_LOSSES, REWARD_LOSSES, check_loss_type
+
+    assert set(REWARD_LOSSES) == set(LOSS_TYPES_FOR["reward"])
+    assert set(PREFERENCE_LOSSES) == set(LOSS_TYPES_FOR["pairwise"])
+    assert check_loss_type("NCA", "reward") == "nca"
+    with pytest.raises(ValueError, match="dpo_best_vs_rest"):
+        check_loss_type("dpo", "reward")
+    with pytest.raises(ValueError, match="does not apply to pairwise"):
+        check_loss_type("dpo_all_pairs", "pairwise")
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        check_loss_type("kto")
+    with pytest.raises(ValueError, match="data_kind"):
+        check_loss_type("nca", "sft")
