@@ -53,6 +53,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from nca_kit.data import canonical_kind, load_training_dataset
+from nca_kit.data.loaders import DATA_KINDS
 from nca_kit.logps import (
     RewardCollator,
     reference_logps,
@@ -68,13 +70,12 @@ __all__ = [
     "MetricsJsonlCallback",
     "TrainResult",
     "train",
-    "load_training_dataset",
+    "prepare_data",
     "build_training_arguments",
     "read_metrics",
     "batch_metrics",
 ]
 
-DATA_KINDS = ("auto", "reward", "pairwise")
 REFERENCE_MODES = ("cached", "per_step")
 
 
@@ -287,53 +288,22 @@ def _coerce(name: str, value: Any, hint) -> Any:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _read_local_json(path: str):
-    import datasets
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"dataset file {path!r} does not exist")
-    return datasets.load_dataset("json", data_files=path, split="train")
-
-
-def load_training_dataset(config: TrainConfig):
+def prepare_data(config: TrainConfig, dataset=None):
     """``(dataset, kind)``: the training set in a canonical schema and ``"reward"`` or ``"pairwise"``.
 
-    Without ``dataset_layout``, ``config.dataset`` is a local ``.jsonl`` / ``.json`` (``.gz`` allowed) in the
-    canonical reward (``prompt, responses, rewards``) or pairwise (``prompt, chosen, rejected``) schema. With a
-    layout, the data goes through ``nca_kit.data.load_reward_dataset`` / ``load_preference_dataset`` (hub ids,
-    UltraFeedback, UltraInteract, HH-RLHF, ...), which return the same schemas.
+    A passed ``dataset`` (notebooks, tests) must already be canonical; otherwise ``config.dataset`` is read by
+    :func:`nca_kit.data.load_training_dataset` (``dataset_layout``, ``dataset_split``, ``data_kind``). Either way
+    ``max_train_samples`` keeps the first N prompts and the loss must suit the kind of data.
     """
-    if config.dataset_layout:
-        try:
-            from nca_kit import data as data_module
-        except ImportError as err:  # pragma: no cover - data.py ships with the package
-            raise ImportError(f"dataset_layout={config.dataset_layout!r} needs nca_kit.data ({err})") from err
-        layouts = getattr(data_module, "LAYOUTS", {})
-        if config.dataset_layout not in layouts and config.dataset_layout != "auto":
-            raise ValueError(f"unknown dataset_layout {config.dataset_layout!r}; known: {', '.join(layouts)}")
-        kind = config.data_kind
-        if kind == "auto":
-            kind = layouts[config.dataset_layout].kind if config.dataset_layout in layouts else "reward"
-        if kind == "reward":
-            dataset = data_module.load_reward_dataset(config.dataset, layout=config.dataset_layout,
-                                                      split=config.dataset_split)
-        else:
-            dataset = data_module.load_preference_dataset(config.dataset, layout=config.dataset_layout,
-                                                          split=config.dataset_split)
+    if dataset is None:
+        dataset, kind = load_training_dataset(config.dataset, layout=config.dataset_layout,
+                                              split=config.dataset_split, data_kind=config.data_kind,
+                                              max_samples=config.max_train_samples)
     else:
-        dataset = _read_local_json(config.dataset)
-        columns = set(dataset.column_names)
-        found = ("reward" if {"prompt", "responses", "rewards"} <= columns
-                 else "pairwise" if {"prompt", "chosen", "rejected"} <= columns else None)
-        if found is None:
-            raise ValueError(f"{config.dataset}: columns {sorted(columns)} are neither the reward schema (prompt, "
-                             "responses, rewards) nor the pairwise schema (prompt, chosen, rejected); set "
-                             "dataset_layout to read another layout through nca_kit.data")
-        kind = found if config.data_kind == "auto" else config.data_kind
-        if kind != found:
-            raise ValueError(f"data_kind={config.data_kind!r} but {config.dataset} holds {found} data")
-    if config.max_train_samples is not None:
-        dataset = dataset.select(range(min(config.max_train_samples, len(dataset))))
+        kind = canonical_kind(dataset)
+        if config.max_train_samples is not None:
+            dataset = dataset.select(range(min(config.max_train_samples, len(dataset))))
+    check_loss_type(config.loss_type, kind)
     return dataset, kind
 
 
@@ -674,20 +644,7 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, dataset=None, call
     set_seed(config.seed)
     args = build_training_arguments(config)
 
-    if dataset is None:
-        dataset, kind = load_training_dataset(config)
-    else:
-        columns = set(dataset.column_names)
-        if {"prompt", "responses", "rewards"} <= columns:
-            kind = "reward"
-        elif {"prompt", "chosen", "rejected"} <= columns:
-            kind = "pairwise"
-        else:
-            raise ValueError(f"dataset columns {sorted(columns)} are neither the reward schema (prompt, responses, "
-                             "rewards) nor the pairwise schema (prompt, chosen, rejected)")
-        if config.max_train_samples is not None:
-            dataset = dataset.select(range(min(config.max_train_samples, len(dataset))))
-    check_loss_type(config.loss_type, kind)
+    dataset, kind = prepare_data(config, dataset)
 
     lora = (LoraSettings(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                          target_modules=config.lora_target_modules) if config.use_lora else None)
