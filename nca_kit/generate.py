@@ -29,8 +29,6 @@ from nca_kit.sampling import sample_responses
 from nca_kit.tasks import CORRECT_THRESHOLD, PROMPT_TEMPLATE_VERSION, Problem, score, train_test_prompts
 
 __all__ = [
-    "METHODS",
-    "method_dataset",
     "GenerationSettings",
     "build_reward_dataset",
     "load_or_generate",
@@ -286,45 +284,6 @@ def _generate_train(settings, problems, path, model, tokenizer, progress) -> lis
         bar.update(1)
     bar.close()
     return rows
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Training sets of the compared methods
-# --------------------------------------------------------------------------------------------------------------------
-
-#: method -> (what it trains on, loss_type for nca_kit.training). "pairs": one Zephyr-style pair per prompt (the best
-#: response against one drawn among the strictly worse ones); "rewards": the K scored responses of each prompt.
-METHODS = {
-    "dpo": ("pairs", "dpo"),  # DPO on pruned pairs (Table 2's "DPO" row, UltraFeedback-binarized style)
-    "pair_nca": ("pairs", "nca"),  # pairwise NCA (Eq. 12) on the same pairs
-    "dpo_x3": ("rewards", "dpo_best_vs_rest"),  # DPO x (K-1): the best against each other response
-    "dpo_all_pairs": ("rewards", "dpo_all_pairs"),  # DPO x C(K,2): every pair ordered by reward
-    "infonca": ("rewards", "infonca"),  # InfoNCA (Eq. 6) on the K rewards
-    "nca": ("rewards", "nca"),  # NCA (Eq. 11) on the K rewards
-}
-
-
-def method_dataset(train, method: str, *, k: int = 4, seed: int = 0):
-    """``(dataset, loss_type)``: the training rows and loss of ``method`` (a key of :data:`METHODS`).
-
-    ``train``: the reward split of :func:`load_or_generate`. Reward methods keep ``k`` responses per prompt, the best
-    always among them and ``k - 1`` others drawn with ``seed`` (:func:`nca_kit.data.subsample_responses`; the K
-    ablation of Fig. 4). Pair methods get one pair per prompt from :func:`nca_kit.data.rewards_to_pairs` with the
-    Zephyr strategy; prompts whose K rewards all tie have no pair and drop out (the reward losses keep them, where
-    they carry no preference for InfoNCA and a pull towards ``r_theta = 0`` for NCA).
-    """
-    from nca_kit import data
-
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    kind, loss_type = METHODS[method]
-    columns = [c for c in ("prompt", "responses", "rewards", "id", "source") if c in train.column_names]
-    rewards_only = train.select_columns(columns)
-    if kind == "pairs":
-        return data.rewards_to_pairs(rewards_only, "zephyr", seed=seed), loss_type
-    if k < max(len(r) for r in rewards_only["rewards"]):
-        rewards_only = data.subsample_responses(rewards_only, k, seed=seed)
-    return rewards_only, loss_type
 
 
 # --------------------------------------------------------------------------------------------------------------------
