@@ -71,6 +71,9 @@ __all__ = [
     "TrainResult",
     "train",
     "prepare_data",
+    "prepare_model",
+    "build_trainer",
+    "finish_run",
     "build_training_arguments",
     "read_metrics",
     "batch_metrics",
@@ -623,28 +626,16 @@ def _latest_checkpoint(output_dir: str) -> str | None:
     return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
 
 
-def train(config: TrainConfig, *, model=None, tokenizer=None, dataset=None, callbacks=None) -> TrainResult:
-    """Run one training job and write its output folder; returns a :class:`TrainResult`.
+def prepare_model(config: TrainConfig, model=None, tokenizer=None):
+    """``(model, tokenizer, reference_model)`` for training.
 
-    ``model``/``tokenizer``/``dataset`` may be passed in (notebooks, tests); otherwise they are loaded from
-    ``config.model_name`` / ``config.dataset``. A passed ``dataset`` is in the canonical reward or pairwise schema.
-    A passed PEFT model trains its own adapters; a plain model gets LoRA adapters from the config when
-    ``use_lora`` (PEFT injects them into that model object: load a fresh model for each run) and is trained in full
-    otherwise. Quantisation and gradient checkpointing of a passed model are the caller's (see
-    :func:`nca_kit.models.load_model`). ``result.model`` is the trained model.
-
-    The output folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl``, the PEFT adapter (or the full
-    model without LoRA) with the tokenizer, ``trends.png``, and ``checkpoint-*`` folders when ``save_steps > 0``.
+    No ``model``: load ``config.model_name`` with LoRA, 4-bit and gradient checkpointing as configured
+    (:func:`nca_kit.models.load_model`). A passed PEFT model trains its own adapters; a passed plain model gets LoRA
+    adapters from the config when ``use_lora`` (PEFT injects them into that object: load a fresh model per run).
+    ``reference_model`` is a frozen copy only for ``reference="per_step"`` without adapters; otherwise ``None`` (the
+    reference is the policy with its adapters disabled).
     """
-    from transformers import set_seed
-
     from nca_kit.models import LoraSettings, load_model
-
-    output_dir = Path(config.output_dir)
-    set_seed(config.seed)
-    args = build_training_arguments(config)
-
-    dataset, kind = prepare_data(config, dataset)
 
     lora = (LoraSettings(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                          target_modules=config.lora_target_modules) if config.use_lora else None)
@@ -658,27 +649,30 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, dataset=None, call
         from peft import get_peft_model
 
         model = get_peft_model(model, lora.to_peft())  # adapters are injected into the passed model in place
-    is_peft = hasattr(unwrap_model(model), "disable_adapter")
     reference_model = None
-    if config.reference == "per_step" and not is_peft:
+    if config.reference == "per_step" and not hasattr(unwrap_model(model), "disable_adapter"):
         reference_model = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
+    return model, tokenizer, reference_model
 
+
+def build_trainer(config: TrainConfig, args: TrainingArguments, model, tokenizer, dataset, kind: str,
+                  reference_model=None, callbacks=None) -> NCATrainer:
+    """Tokenize ``dataset``, write ``config.yaml``, and return the :class:`NCATrainer` ready to train (its
+    ``train_dataset`` carries the cached reference log-probs when ``config.reference == "cached"``)."""
     tokenized = tokenize_reward_dataset(dataset, tokenizer, max_prompt_length=config.max_prompt_length,
                                         max_length=config.max_length, overflow=config.overflow)
     if len(tokenized) == 0:
         raise ValueError("no training prompts left after tokenization")
-
+    output_dir = Path(config.output_dir)
     if args.process_index == 0:
         config.to_yaml(output_dir / "config.yaml")
-    collator = RewardCollator(tokenizer.pad_token_id)
-    metrics_path = output_dir / "metrics.jsonl"
     trainer = NCATrainer(
         model=model,
         args=args,
         train_dataset=tokenized,
-        data_collator=collator,
+        data_collator=RewardCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[MetricsJsonlCallback(metrics_path), *(callbacks or [])],
+        callbacks=[MetricsJsonlCallback(output_dir / "metrics.jsonl"), *(callbacks or [])],
         loss_type=config.loss_type,
         alpha=config.alpha,
         beta=config.beta,
@@ -688,37 +682,70 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, dataset=None, call
     )
     if config.reference == "cached":
         trainer.train_dataset = trainer.precompute_reference_logps(tokenized, config.reference_batch_size)
+    return trainer
 
+
+def _resume_checkpoint(config: TrainConfig) -> str | None:
     resume = config.resume_from_checkpoint
     if resume == "latest":
         resume = _latest_checkpoint(config.output_dir)
         if resume is None:
             warnings.warn(f"resume_from_checkpoint='latest' but {config.output_dir} has no checkpoint; starting fresh",
-                          stacklevel=2)
-    trainer.train(resume_from_checkpoint=resume)
+                          stacklevel=3)
+    return resume
 
+
+def finish_run(config: TrainConfig, trainer: NCATrainer) -> TrainResult:
+    """Save the adapter (or model) and tokenizer, draw ``trends.png``, and read the logged metrics back."""
+    output_dir = Path(config.output_dir)
     trainer.save_model(str(output_dir))
     figure_path = None
-    metrics = read_metrics(metrics_path)
+    metrics = read_metrics(output_dir / "metrics.jsonl")
     if trainer.is_world_process_zero() and config.save_figure:
+        import matplotlib.pyplot as plt
+
         from nca_kit.plots import plot_training_trends
 
         figure_path = output_dir / "trends.png"
         fig = plot_training_trends(metrics, path=figure_path,
                                    title=f"{config.loss_type} on {Path(str(config.dataset)).name}")
-        import matplotlib.pyplot as plt
-
         plt.close(fig)
-    step_losses = [r["loss"] for r in metrics if "loss" in r]
+    steps = [r for r in metrics if "loss" in r]
     return TrainResult(
         output_dir=output_dir,
         config=config,
-        metrics=[r for r in metrics if "loss" in r],
-        final_loss=step_losses[-1] if step_losses else None,
-        n_train_prompts=len(tokenized),
-        adapter_dir=output_dir if is_peft else None,
+        metrics=steps,
+        final_loss=steps[-1]["loss"] if steps else None,
+        n_train_prompts=len(trainer.train_dataset),
+        adapter_dir=output_dir if hasattr(unwrap_model(trainer.model), "disable_adapter") else None,
         figure_path=figure_path,
         model=trainer.model,
-        tokenizer=tokenizer,
+        tokenizer=trainer.processing_class,
         trainer=trainer,
     )
+
+
+def train(config: TrainConfig, *, model=None, tokenizer=None, dataset=None, callbacks=None) -> TrainResult:
+    """Run one training job and write its output folder; returns a :class:`TrainResult`.
+
+    The steps, each a function of its own: :func:`prepare_data` (the canonical dataset and its kind),
+    :func:`prepare_model` (model, tokenizer, reference), :func:`build_trainer` (tokenization, ``config.yaml``, the
+    cached reference), ``trainer.train`` (resuming when asked), :func:`finish_run` (adapter, figure, metrics).
+
+    ``model``/``tokenizer``/``dataset`` may be passed in (notebooks, tests); otherwise they are loaded from
+    ``config.model_name`` / ``config.dataset``. A passed ``dataset`` is in the canonical reward or pairwise schema.
+    Quantisation and gradient checkpointing of a passed model are the caller's (see
+    :func:`nca_kit.models.load_model`). ``result.model`` is the trained model.
+
+    The output folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl``, the PEFT adapter (or the full
+    model without LoRA) with the tokenizer, ``trends.png``, and ``checkpoint-*`` folders when ``save_steps > 0``.
+    """
+    from transformers import set_seed
+
+    set_seed(config.seed)  # before the adapters are created: their initialisation is part of the run
+    args = build_training_arguments(config)
+    dataset, kind = prepare_data(config, dataset)
+    model, tokenizer, reference_model = prepare_model(config, model, tokenizer)
+    trainer = build_trainer(config, args, model, tokenizer, dataset, kind, reference_model, callbacks)
+    trainer.train(resume_from_checkpoint=_resume_checkpoint(config))
+    return finish_run(config, trainer)
