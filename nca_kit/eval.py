@@ -22,13 +22,12 @@ result as JSON so the unchanged base model is evaluated once per setting, not on
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
-from nca_kit.generate import sample_responses
+from nca_kit.cache import Cache
+from nca_kit.sampling import sample_responses
 from nca_kit.tasks import Problem, score
 
 __all__ = ["EvalResult", "evaluate", "evaluate_cached", "kl_to_reference", "likelihood_trends", "problems_from"]
@@ -78,12 +77,15 @@ def kl_to_reference(
     *,
     reference_model=None,
     batch_size: int = 8,
+    max_prompt_length: int = 512,
+    max_length: int = 1024,
     progress: bool = True,
 ) -> list[list[float]]:
     """``log pi(y|x) − log mu(y|x)`` for each response (``[len(prompts)][k]``), policy and reference in eval mode.
 
     ``mu`` is ``reference_model`` when given, else ``model`` with its PEFT adapters disabled. A model with neither
-    is its own reference: every log-ratio is 0 and no forward pass runs.
+    is its own reference: every log-ratio is 0 and no forward pass runs. Responses are tokenized as in training
+    (:func:`nca_kit.logps.tokenize_reward_dataset` with the same ``max_prompt_length`` / ``max_length``).
     """
     from datasets import Dataset
     from tqdm.auto import tqdm
@@ -94,7 +96,8 @@ def kl_to_reference(
     if reference_model is None and not is_peft:
         return [[0.0] * len(r) for r in responses]
     rows = [{"prompt": p, "responses": r, "rewards": [0.0] * len(r)} for p, r in zip(prompts, responses)]
-    tokenized = tokenize_reward_dataset(Dataset.from_list(rows), tokenizer, max_prompt_length=512, max_length=1024)
+    tokenized = tokenize_reward_dataset(Dataset.from_list(rows), tokenizer, max_prompt_length=max_prompt_length,
+                                        max_length=max_length)
     collator = RewardCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     device = next(unwrap_model(model).parameters()).device
     was_training = model.training
@@ -126,13 +129,16 @@ def evaluate(
     kl_batch_size: int = 8,
     seed: int = 0,
     reference_model=None,
+    max_prompt_length: int = 512,
+    max_length: int = 1024,
     progress: bool = True,
 ) -> EvalResult:
     """Greedy accuracy, sample reward and KL to the reference on held-out ``problems`` (see module docstring).
 
     ``problems``: a list of :class:`~nca_kit.tasks.Problem` or a dataset with ``prompt`` and ``answer``.
     ``n_samples`` responses per prompt are sampled at ``temperature`` (seeded by ``seed``) for the sample reward
-    and the KL estimate; the greedy answer is one more response per prompt.
+    and the KL estimate; the greedy answer is one more response per prompt. ``max_prompt_length`` / ``max_length``
+    truncate the KL pass as training truncated (pass the run's own lengths).
     """
     problems = problems_from(problems)
     if not problems:
@@ -143,7 +149,8 @@ def evaluate(
     samples, samples_cut = sample_responses(model, tokenizer, prompts, k=n_samples, temperature=temperature,
                                             seed=seed, desc="samples", **common)
     log_ratios = kl_to_reference(model, tokenizer, prompts, samples, reference_model=reference_model,
-                                 batch_size=kl_batch_size, progress=progress)
+                                 batch_size=kl_batch_size, max_prompt_length=max_prompt_length,
+                                 max_length=max_length, progress=progress)
     rows = []
     for p, g, gc, s, sc, lr in zip(problems, greedy, greedy_cut, samples, samples_cut, log_ratios):
         g_score = score(g[0], p.answer, truncated=gc[0])
@@ -172,35 +179,25 @@ def evaluate(
 
 
 def evaluate_cached(cache_dir, model_fn, problems, *, tag: str, **kwargs) -> EvalResult:
-    """:func:`evaluate` once per setting, then read back from a JSON file in ``cache_dir``.
+    """:func:`evaluate` once per setting, then read back from the :class:`nca_kit.cache.Cache` in ``cache_dir``.
 
-    The file name is ``eval_<tag>_<hash>.json`` where the hash covers ``tag`` (name the model: e.g.
-    ``"smollm2-135m-instruct-base"``), the problems (ids and answers) and every keyword argument but ``progress``, so
-    a changed setting never reads a stale result. ``model_fn()`` returns ``(model, tokenizer)`` and is called only
-    on a miss: a cached base-model evaluation skips even the model load. Returns the result; ``.cache_hit`` says
-    which way it came.
+    The entry is ``eval_<tag>_<key>.json``, keyed by ``tag`` (name the model: e.g. ``"smollm2-135m-instruct-base"``),
+    the problems (ids, questions and answers) and every keyword argument but ``progress``, so a changed setting never
+    reads a stale result. ``model_fn()`` returns ``(model, tokenizer)`` and is called only on a miss: a cached
+    base-model evaluation skips even the model load. Returns the result; ``.cache_hit`` says which way it came.
     """
-    import hashlib
-
     problems = problems_from(problems)
     settings = {k: v for k, v in kwargs.items() if k != "progress"}
     settings["tag"] = tag
-    settings["problems"] = hashlib.sha256(json.dumps([[p.id, p.question, p.answer] for p in problems]).encode()
-                                          ).hexdigest()[:12]
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    path = Path(cache_dir) / f"eval_{tag}_{key}.json"
-    if path.exists():
-        payload = json.loads(path.read_text())
-        if payload["settings"] != json.loads(json.dumps(settings, default=str)):
-            raise ValueError(f"{path} was computed with {payload['settings']}, not {settings}; delete it")
-        result = EvalResult(**payload["result"])
-        result.cache_hit = True
-        return result
-    model, tokenizer = model_fn()
-    result = evaluate(model, tokenizer, problems, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"settings": settings, "result": asdict(result)}, default=str))
-    result.cache_hit = False
+    settings["problems"] = [[p.id, p.question, p.answer] for p in problems]
+
+    def compute() -> dict:
+        model, tokenizer = model_fn()
+        return asdict(evaluate(model, tokenizer, problems, **kwargs))
+
+    cache = Cache(cache_dir)
+    result = EvalResult(**cache.json(f"eval_{tag}", settings, compute))
+    result.cache_hit = cache.last_hit
     return result
 
 

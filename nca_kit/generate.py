@@ -4,39 +4,36 @@ This is the paper's data recipe (UltraFeedback: several completions per instruct
 the scale of a laptop: the policy to be aligned, SmolLM2-135M-Instruct, answers each verifiable prompt K times at
 temperature ~0.8, and the deterministic rubric of :func:`nca_kit.tasks.score` gives each answer a reward in [0, 10].
 
-* :func:`sample_responses` — batched sampling with left padding and a progress bar, K consecutive samples per
-  prompt (the prompt encoded once and its cache shared by the K samples), one fixed seed per batch (so a rerun
-  with the same settings gives the same text).
-* :func:`build_reward_dataset` — sample + score, returned in the canonical reward schema (``prompt`` messages,
-  ``responses``, ``rewards``) plus ``id``, ``kind``, ``answer``, ``truncated`` and ``source``.
+* :func:`build_reward_dataset` — sample (:func:`nca_kit.sampling.sample_responses`) + score, returned in the
+  canonical reward schema (``prompt`` messages, ``responses``, ``rewards``) plus ``id``, ``kind``, ``answer``,
+  ``truncated`` and ``source``.
 * :func:`load_or_generate` — the cached entry point. A generated dataset is stored as one JSON file named by the
   hash of every setting that changes its content (:meth:`GenerationSettings.key`: model id, prompt and sampling
   seeds, prompt counts, K, temperature, top-p, max_new_tokens, batch size, prompt-template version), so a rerun
   with the same settings reads the file instead of sampling again, and a changed setting can never read a stale one.
+  The key is :func:`nca_kit.cache.settings_key`; the file is not a :class:`nca_kit.cache.Cache` entry because it
+  carries its settings inside (so a copy committed under ``data/`` needs no sidecar) and grows row by row while it
+  is sampled (an interrupted generation resumes).
 * :func:`reward_stats` — the numbers a reader should see before training on such data.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
+from nca_kit.cache import settings_key
+from nca_kit.sampling import sample_responses
 from nca_kit.tasks import CORRECT_THRESHOLD, PROMPT_TEMPLATE_VERSION, Problem, score, train_test_prompts
 
 __all__ = [
     "GenerationSettings",
-    "sample_responses",
     "build_reward_dataset",
     "load_or_generate",
     "cache_path",
     "reward_stats",
-    "METHODS",
-    "method_dataset",
     "SOURCE",
 ]
 
@@ -61,9 +58,8 @@ class GenerationSettings:
     template_version: str = PROMPT_TEMPLATE_VERSION  # questions, instruction and rubric version
 
     def key(self) -> str:
-        """12 hex digits of the SHA-256 of the settings (sorted JSON): equal settings, equal key."""
-        blob = json.dumps(asdict(self), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        """12 hex digits of the SHA-256 of the settings (sorted JSON, :func:`nca_kit.cache.settings_key`)."""
+        return settings_key(asdict(self), length=12)
 
     def file_name(self) -> str:
         return f"arith_{_slug(self.model_id)}_k{self.k}_{self.key()}.json"
@@ -71,112 +67,6 @@ class GenerationSettings:
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Sampling
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _chat_texts(tokenizer, prompts: list[list[dict]]) -> list[str]:
-    return [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
-
-
-@torch.no_grad()
-def sample_responses(
-    model,
-    tokenizer,
-    prompts: list[list[dict]],
-    *,
-    k: int = 1,
-    temperature: float = 0.8,
-    top_p: float = 1.0,
-    max_new_tokens: int = 20,
-    batch_size: int = 64,
-    seed: int = 0,
-    greedy: bool = False,
-    share_prefix: bool = True,
-    progress: bool = True,
-    desc: str = "sampling",
-) -> tuple[list[list[str]], list[list[bool]]]:
-    """Sample ``k`` responses for each chat prompt (a list of messages), batched with left padding.
-
-    Returns ``(texts, truncated)``, both ``[len(prompts)][k]``: the decoded responses (special tokens dropped,
-    whitespace stripped) and whether each one hit ``max_new_tokens`` before its end-of-turn token. ``greedy=True``
-    decodes greedily (then the k copies are identical; use ``k=1``).
-
-    A batch holds ``batch_size // k`` prompts, each repeated ``k`` times. With ``share_prefix`` the prompts of a
-    batch are encoded once and their key/value cache repeated ``k`` times before decoding, so the prompt is not
-    recomputed for every sample (the prompt is most of the compute for short answers: ~2x faster on CPU at k = 4).
-    Each batch is sampled after ``torch.manual_seed(seed * 1_000_003 + batch_index)``, so the result depends only
-    on the inputs and settings, not on what ran before; the caller's random state is restored afterwards.
-    """
-    if k < 1 or batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"k, batch_size and max_new_tokens must be >= 1, got {k}, {batch_size}, {max_new_tokens}")
-    if not greedy and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 for sampling (use greedy=True for greedy), got {temperature}")
-    from tqdm.auto import tqdm
-
-    texts = _chat_texts(tokenizer, prompts)
-    per_batch = max(1, batch_size // k)  # prompts per batch
-    pad_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    sampling = {"do_sample": False} if greedy else {
-        "do_sample": True, "temperature": float(temperature), "top_p": float(top_p), "top_k": 0}
-    out_texts: list[str] = []
-    out_truncated: list[bool] = []
-    n_batches = math.ceil(len(texts) / per_batch)
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for b in tqdm(range(n_batches), desc=desc, disable=not progress, unit="batch"):
-                chunk = texts[b * per_batch : (b + 1) * per_batch]
-                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-                ids, mask = enc["input_ids"], enc["attention_mask"]  # (P, T)
-                extra = {}
-                if share_prefix and k > 1 and ids.shape[1] > 1:
-                    extra["past_key_values"] = _prefix_cache(model, ids, mask, k)
-                ids, mask = ids.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)  # (P*k, T)
-                torch.manual_seed(seed * 1_000_003 + b)
-                out = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    **extra,
-                    **sampling,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=pad_id,
-                    eos_token_id=eos_id,
-                )
-                new = out[:, ids.shape[1] :]  # (P*k, T_new)
-                finished = (new == eos_id).any(dim=-1)  # (P*k,)
-                out_texts += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-                out_truncated += [not bool(f) for f in finished]
-    finally:
-        tokenizer.padding_side = pad_side
-        model.train(was_training)
-    grouped = [out_texts[i * k : (i + 1) * k] for i in range(len(prompts))]
-    grouped_trunc = [out_truncated[i * k : (i + 1) * k] for i in range(len(prompts))]
-    return grouped, grouped_trunc
-
-
-def _prefix_cache(model, ids: torch.Tensor, mask: torch.Tensor, k: int):
-    """Key/value cache of every prompt but its last token, computed once and repeated ``k`` times along the batch.
-
-    ``generate`` then only feeds the last prompt token and the new ones. Positions follow the left padding
-    (``cumsum(mask) - 1``), as ``generate`` computes them.
-    """
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (P, T)
-    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-          past_key_values=cache, use_cache=True, logits_to_keep=1)
-    cache.batch_repeat_interleave(k)
-    return cache
 
 
 def build_reward_dataset(
@@ -283,8 +173,6 @@ def load_or_generate(
     only the chunks covering them are sampled, in memory (the partial file is left to its writer). Chunk seeds do
     not depend on the number of prompts, so these rows are exactly the first rows of the complete dataset.
     """
-    import datasets
-
     name = settings.file_name()
     for folder in (*search_dirs, cache_dir):
         path = Path(folder) / name
@@ -396,45 +284,6 @@ def _generate_train(settings, problems, path, model, tokenizer, progress) -> lis
         bar.update(1)
     bar.close()
     return rows
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Training sets of the compared methods
-# --------------------------------------------------------------------------------------------------------------------
-
-#: method -> (what it trains on, loss_type for nca_kit.training). "pairs": one Zephyr-style pair per prompt (the best
-#: response against one drawn among the strictly worse ones); "rewards": the K scored responses of each prompt.
-METHODS = {
-    "dpo": ("pairs", "dpo"),  # DPO on pruned pairs (Table 2's "DPO" row, UltraFeedback-binarized style)
-    "pair_nca": ("pairs", "nca"),  # pairwise NCA (Eq. 12) on the same pairs
-    "dpo_x3": ("rewards", "dpo_best_vs_rest"),  # DPO x (K-1): the best against each other response
-    "dpo_all_pairs": ("rewards", "dpo_all_pairs"),  # DPO x C(K,2): every pair ordered by reward
-    "infonca": ("rewards", "infonca"),  # InfoNCA (Eq. 6) on the K rewards
-    "nca": ("rewards", "nca"),  # NCA (Eq. 11) on the K rewards
-}
-
-
-def method_dataset(train, method: str, *, k: int = 4, seed: int = 0):
-    """``(dataset, loss_type)``: the training rows and loss of ``method`` (a key of :data:`METHODS`).
-
-    ``train``: the reward split of :func:`load_or_generate`. Reward methods keep ``k`` responses per prompt, the best
-    always among them and ``k - 1`` others drawn with ``seed`` (:func:`nca_kit.data.subsample_responses`; the K
-    ablation of Fig. 4). Pair methods get one pair per prompt from :func:`nca_kit.data.rewards_to_pairs` with the
-    Zephyr strategy; prompts whose K rewards all tie have no pair and drop out (the reward losses keep them, where
-    they carry no preference for InfoNCA and a pull towards ``r_theta = 0`` for NCA).
-    """
-    from nca_kit import data
-
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    kind, loss_type = METHODS[method]
-    columns = [c for c in ("prompt", "responses", "rewards", "id", "source") if c in train.column_names]
-    rewards_only = train.select_columns(columns)
-    if kind == "pairs":
-        return data.rewards_to_pairs(rewards_only, "zephyr", seed=seed), loss_type
-    if k < max(len(r) for r in rewards_only["rewards"]):
-        rewards_only = data.subsample_responses(rewards_only, k, seed=seed)
-    return rewards_only, loss_type
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -25,14 +25,14 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 
+from nca_kit.data.schema import as_reward_row
+
 __all__ = [
     "PromptTooLongError",
-    "normalize_prompt",
-    "to_reward_record",
     "padded_length",
     "tokenize_reward_record",
     "tokenize_reward_dataset",
@@ -48,46 +48,6 @@ OVERFLOW_POLICIES = ("error", "skip")
 
 class PromptTooLongError(ValueError):
     """A prompt leaves no room for its responses within ``max_length``."""
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Records
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def normalize_prompt(prompt) -> list[dict[str, str]]:
-    """A prompt as chat messages: a plain string becomes one user message; message lists are checked and copied."""
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
-        for m in prompt:
-            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"prompt messages need string 'role' and 'content', got {m!r}")
-        return [{"role": m["role"], "content": m["content"]} for m in prompt]
-    raise ValueError(f"prompt must be a string or a non-empty list of {{'role', 'content'}} messages, got {prompt!r}")
-
-
-def to_reward_record(record: dict) -> dict:
-    """A canonical reward record ``{prompt, responses, rewards}`` from a reward or a pairwise record.
-
-    A pairwise record ``{prompt, chosen, rejected}`` becomes ``responses = [chosen, rejected]``,
-    ``rewards = [1.0, 0.0]``: with ``alpha -> 0`` InfoNCA on it is DPO and NCA is pairwise NCA (paper Sec. 3.2/4.2).
-    """
-    if "responses" in record and "rewards" in record:
-        responses, rewards = list(record["responses"]), [float(r) for r in record["rewards"]]
-        if len(responses) != len(rewards):
-            raise ValueError(f"record has {len(responses)} responses but {len(rewards)} rewards")
-        if not responses:
-            raise ValueError("record has no responses")
-    elif "chosen" in record and "rejected" in record:
-        responses, rewards = [record["chosen"], record["rejected"]], [1.0, 0.0]
-    else:
-        raise ValueError(f"record needs 'responses' and 'rewards' (reward schema) or 'chosen' and 'rejected' "
-                         f"(pairwise schema); it has {sorted(record)}")
-    for r in responses:
-        if not isinstance(r, str):
-            raise ValueError(f"responses must be strings, got {type(r).__name__}")
-    return {"prompt": normalize_prompt(record["prompt"]), "responses": responses, "rewards": rewards}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -134,7 +94,7 @@ def tokenize_reward_record(
                          "nca_kit.models.CHATML_TEMPLATE) before tokenizing chat prompts")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token")
-    record = to_reward_record(record)
+    record = as_reward_row(record)
     prompt_text = tokenizer.apply_chat_template(record["prompt"], add_generation_prompt=True, tokenize=False)
     prompt_ids = _encode(tokenizer, prompt_text)
     if not prompt_ids:
@@ -171,7 +131,8 @@ def tokenize_reward_dataset(
     overflow: str = "error",
     min_response_tokens: int = 1,
 ):
-    """Tokenize a ``datasets.Dataset`` in the canonical reward or pairwise schema (see :func:`to_reward_record`).
+    """Tokenize a ``datasets.Dataset`` in the canonical reward or pairwise schema (see
+    :func:`nca_kit.data.schema.as_reward_row`).
 
     ``overflow`` decides what happens to a prompt that leaves no room for its response: ``"error"`` raises
     :class:`PromptTooLongError` naming the row; ``"skip"`` drops such rows and warns with their count. Truncation

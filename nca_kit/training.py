@@ -53,6 +53,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from nca_kit.data import canonical_kind, load_training_dataset
+from nca_kit.data.loaders import DATA_KINDS
 from nca_kit.logps import (
     RewardCollator,
     reference_logps,
@@ -68,13 +70,15 @@ __all__ = [
     "MetricsJsonlCallback",
     "TrainResult",
     "train",
-    "load_training_dataset",
+    "prepare_data",
+    "prepare_model",
+    "build_trainer",
+    "finish_run",
     "build_training_arguments",
     "read_metrics",
     "batch_metrics",
 ]
 
-DATA_KINDS = ("auto", "reward", "pairwise")
 REFERENCE_MODES = ("cached", "per_step")
 
 
@@ -287,53 +291,22 @@ def _coerce(name: str, value: Any, hint) -> Any:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _read_local_json(path: str):
-    import datasets
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"dataset file {path!r} does not exist")
-    return datasets.load_dataset("json", data_files=path, split="train")
-
-
-def load_training_dataset(config: TrainConfig):
+def prepare_data(config: TrainConfig, dataset=None):
     """``(dataset, kind)``: the training set in a canonical schema and ``"reward"`` or ``"pairwise"``.
 
-    Without ``dataset_layout``, ``config.dataset`` is a local ``.jsonl`` / ``.json`` (``.gz`` allowed) in the
-    canonical reward (``prompt, responses, rewards``) or pairwise (``prompt, chosen, rejected``) schema. With a
-    layout, the data goes through ``nca_kit.data.load_reward_dataset`` / ``load_preference_dataset`` (hub ids,
-    UltraFeedback, UltraInteract, HH-RLHF, ...), which return the same schemas.
+    A passed ``dataset`` (notebooks, tests) must already be canonical; otherwise ``config.dataset`` is read by
+    :func:`nca_kit.data.load_training_dataset` (``dataset_layout``, ``dataset_split``, ``data_kind``). Either way
+    ``max_train_samples`` keeps the first N prompts and the loss must suit the kind of data.
     """
-    if config.dataset_layout:
-        try:
-            from nca_kit import data as data_module
-        except ImportError as err:  # pragma: no cover - data.py ships with the package
-            raise ImportError(f"dataset_layout={config.dataset_layout!r} needs nca_kit.data ({err})") from err
-        layouts = getattr(data_module, "LAYOUTS", {})
-        if config.dataset_layout not in layouts and config.dataset_layout != "auto":
-            raise ValueError(f"unknown dataset_layout {config.dataset_layout!r}; known: {', '.join(layouts)}")
-        kind = config.data_kind
-        if kind == "auto":
-            kind = layouts[config.dataset_layout].kind if config.dataset_layout in layouts else "reward"
-        if kind == "reward":
-            dataset = data_module.load_reward_dataset(config.dataset, layout=config.dataset_layout,
-                                                      split=config.dataset_split)
-        else:
-            dataset = data_module.load_preference_dataset(config.dataset, layout=config.dataset_layout,
-                                                          split=config.dataset_split)
+    if dataset is None:
+        dataset, kind = load_training_dataset(config.dataset, layout=config.dataset_layout,
+                                              split=config.dataset_split, data_kind=config.data_kind,
+                                              max_samples=config.max_train_samples)
     else:
-        dataset = _read_local_json(config.dataset)
-        columns = set(dataset.column_names)
-        found = ("reward" if {"prompt", "responses", "rewards"} <= columns
-                 else "pairwise" if {"prompt", "chosen", "rejected"} <= columns else None)
-        if found is None:
-            raise ValueError(f"{config.dataset}: columns {sorted(columns)} are neither the reward schema (prompt, "
-                             "responses, rewards) nor the pairwise schema (prompt, chosen, rejected); set "
-                             "dataset_layout to read another layout through nca_kit.data")
-        kind = found if config.data_kind == "auto" else config.data_kind
-        if kind != found:
-            raise ValueError(f"data_kind={config.data_kind!r} but {config.dataset} holds {found} data")
-    if config.max_train_samples is not None:
-        dataset = dataset.select(range(min(config.max_train_samples, len(dataset))))
+        kind = canonical_kind(dataset)
+        if config.max_train_samples is not None:
+            dataset = dataset.select(range(min(config.max_train_samples, len(dataset))))
+    check_loss_type(config.loss_type, kind)
     return dataset, kind
 
 
@@ -653,41 +626,16 @@ def _latest_checkpoint(output_dir: str) -> str | None:
     return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
 
 
-def train(config: TrainConfig, *, model=None, tokenizer=None, dataset=None, callbacks=None) -> TrainResult:
-    """Run one training job and write its output folder; returns a :class:`TrainResult`.
+def prepare_model(config: TrainConfig, model=None, tokenizer=None):
+    """``(model, tokenizer, reference_model)`` for training.
 
-    ``model``/``tokenizer``/``dataset`` may be passed in (notebooks, tests); otherwise they are loaded from
-    ``config.model_name`` / ``config.dataset``. A passed ``dataset`` is in the canonical reward or pairwise schema.
-    A passed PEFT model trains its own adapters; a plain model gets LoRA adapters from the config when
-    ``use_lora`` (PEFT injects them into that model object: load a fresh model for each run) and is trained in full
-    otherwise. Quantisation and gradient checkpointing of a passed model are the caller's (see
-    :func:`nca_kit.models.load_model`). ``result.model`` is the trained model.
-
-    The output folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl``, the PEFT adapter (or the full
-    model without LoRA) with the tokenizer, ``trends.png``, and ``checkpoint-*`` folders when ``save_steps > 0``.
+    No ``model``: load ``config.model_name`` with LoRA, 4-bit and gradient checkpointing as configured
+    (:func:`nca_kit.models.load_model`). A passed PEFT model trains its own adapters; a passed plain model gets LoRA
+    adapters from the config when ``use_lora`` (PEFT injects them into that object: load a fresh model per run).
+    ``reference_model`` is a frozen copy only for ``reference="per_step"`` without adapters; otherwise ``None`` (the
+    reference is the policy with its adapters disabled).
     """
-    from transformers import set_seed
-
     from nca_kit.models import LoraSettings, load_model
-
-    output_dir = Path(config.output_dir)
-    set_seed(config.seed)
-    args = build_training_arguments(config)
-
-    if dataset is None:
-        dataset, kind = load_training_dataset(config)
-    else:
-        columns = set(dataset.column_names)
-        if {"prompt", "responses", "rewards"} <= columns:
-            kind = "reward"
-        elif {"prompt", "chosen", "rejected"} <= columns:
-            kind = "pairwise"
-        else:
-            raise ValueError(f"dataset columns {sorted(columns)} are neither the reward schema (prompt, responses, "
-                             "rewards) nor the pairwise schema (prompt, chosen, rejected)")
-        if config.max_train_samples is not None:
-            dataset = dataset.select(range(min(config.max_train_samples, len(dataset))))
-    check_loss_type(config.loss_type, kind)
 
     lora = (LoraSettings(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                          target_modules=config.lora_target_modules) if config.use_lora else None)
@@ -701,27 +649,30 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, dataset=None, call
         from peft import get_peft_model
 
         model = get_peft_model(model, lora.to_peft())  # adapters are injected into the passed model in place
-    is_peft = hasattr(unwrap_model(model), "disable_adapter")
     reference_model = None
-    if config.reference == "per_step" and not is_peft:
+    if config.reference == "per_step" and not hasattr(unwrap_model(model), "disable_adapter"):
         reference_model = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
+    return model, tokenizer, reference_model
 
+
+def build_trainer(config: TrainConfig, args: TrainingArguments, model, tokenizer, dataset, kind: str,
+                  reference_model=None, callbacks=None) -> NCATrainer:
+    """Tokenize ``dataset``, write ``config.yaml``, and return the :class:`NCATrainer` ready to train (its
+    ``train_dataset`` carries the cached reference log-probs when ``config.reference == "cached"``)."""
     tokenized = tokenize_reward_dataset(dataset, tokenizer, max_prompt_length=config.max_prompt_length,
                                         max_length=config.max_length, overflow=config.overflow)
     if len(tokenized) == 0:
         raise ValueError("no training prompts left after tokenization")
-
+    output_dir = Path(config.output_dir)
     if args.process_index == 0:
         config.to_yaml(output_dir / "config.yaml")
-    collator = RewardCollator(tokenizer.pad_token_id)
-    metrics_path = output_dir / "metrics.jsonl"
     trainer = NCATrainer(
         model=model,
         args=args,
         train_dataset=tokenized,
-        data_collator=collator,
+        data_collator=RewardCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[MetricsJsonlCallback(metrics_path), *(callbacks or [])],
+        callbacks=[MetricsJsonlCallback(output_dir / "metrics.jsonl"), *(callbacks or [])],
         loss_type=config.loss_type,
         alpha=config.alpha,
         beta=config.beta,
@@ -731,37 +682,70 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, dataset=None, call
     )
     if config.reference == "cached":
         trainer.train_dataset = trainer.precompute_reference_logps(tokenized, config.reference_batch_size)
+    return trainer
 
+
+def _resume_checkpoint(config: TrainConfig) -> str | None:
     resume = config.resume_from_checkpoint
     if resume == "latest":
         resume = _latest_checkpoint(config.output_dir)
         if resume is None:
             warnings.warn(f"resume_from_checkpoint='latest' but {config.output_dir} has no checkpoint; starting fresh",
-                          stacklevel=2)
-    trainer.train(resume_from_checkpoint=resume)
+                          stacklevel=3)
+    return resume
 
+
+def finish_run(config: TrainConfig, trainer: NCATrainer) -> TrainResult:
+    """Save the adapter (or model) and tokenizer, draw ``trends.png``, and read the logged metrics back."""
+    output_dir = Path(config.output_dir)
     trainer.save_model(str(output_dir))
     figure_path = None
-    metrics = read_metrics(metrics_path)
+    metrics = read_metrics(output_dir / "metrics.jsonl")
     if trainer.is_world_process_zero() and config.save_figure:
+        import matplotlib.pyplot as plt
+
         from nca_kit.plots import plot_training_trends
 
         figure_path = output_dir / "trends.png"
         fig = plot_training_trends(metrics, path=figure_path,
                                    title=f"{config.loss_type} on {Path(str(config.dataset)).name}")
-        import matplotlib.pyplot as plt
-
         plt.close(fig)
-    step_losses = [r["loss"] for r in metrics if "loss" in r]
+    steps = [r for r in metrics if "loss" in r]
     return TrainResult(
         output_dir=output_dir,
         config=config,
-        metrics=[r for r in metrics if "loss" in r],
-        final_loss=step_losses[-1] if step_losses else None,
-        n_train_prompts=len(tokenized),
-        adapter_dir=output_dir if is_peft else None,
+        metrics=steps,
+        final_loss=steps[-1]["loss"] if steps else None,
+        n_train_prompts=len(trainer.train_dataset),
+        adapter_dir=output_dir if hasattr(unwrap_model(trainer.model), "disable_adapter") else None,
         figure_path=figure_path,
         model=trainer.model,
-        tokenizer=tokenizer,
+        tokenizer=trainer.processing_class,
         trainer=trainer,
     )
+
+
+def train(config: TrainConfig, *, model=None, tokenizer=None, dataset=None, callbacks=None) -> TrainResult:
+    """Run one training job and write its output folder; returns a :class:`TrainResult`.
+
+    The steps, each a function of its own: :func:`prepare_data` (the canonical dataset and its kind),
+    :func:`prepare_model` (model, tokenizer, reference), :func:`build_trainer` (tokenization, ``config.yaml``, the
+    cached reference), ``trainer.train`` (resuming when asked), :func:`finish_run` (adapter, figure, metrics).
+
+    ``model``/``tokenizer``/``dataset`` may be passed in (notebooks, tests); otherwise they are loaded from
+    ``config.model_name`` / ``config.dataset``. A passed ``dataset`` is in the canonical reward or pairwise schema.
+    Quantisation and gradient checkpointing of a passed model are the caller's (see
+    :func:`nca_kit.models.load_model`). ``result.model`` is the trained model.
+
+    The output folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl``, the PEFT adapter (or the full
+    model without LoRA) with the tokenizer, ``trends.png``, and ``checkpoint-*`` folders when ``save_steps > 0``.
+    """
+    from transformers import set_seed
+
+    set_seed(config.seed)  # before the adapters are created: their initialisation is part of the run
+    args = build_training_arguments(config)
+    dataset, kind = prepare_data(config, dataset)
+    model, tokenizer, reference_model = prepare_model(config, model, tokenizer)
+    trainer = build_trainer(config, args, model, tokenizer, dataset, kind, reference_model, callbacks)
+    trainer.train(resume_from_checkpoint=_resume_checkpoint(config))
+    return finish_run(config, trainer)

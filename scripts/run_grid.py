@@ -1,22 +1,26 @@
 #!/usr/bin/env python
-"""Run the tiny-reproduction comparison grid: notebook 20 once per (method, K, seed), then one table and figures.
+"""Run the tiny-reproduction comparison grid: one :mod:`nca_kit.experiment` run per (method, K, seed), then one table
+and figures.
 
     python scripts/run_grid.py --out runs/grid                      # headline: dpo, infonca, nca x seeds 0 1 2
     python scripts/run_grid.py --out runs/grid --full               # + dpo_x3, dpo_all_pairs, pair_nca, K = 2, 3
     python scripts/run_grid.py --out runs/grid --seeds 0 -p STEPS 12
     python scripts/run_grid.py --out runs/grid --collect-only --docs docs   # table + figures from finished runs
 
-Each run executes ``notebooks/20_real_tiny_reproduction.ipynb`` with papermill (parameters METHOD, K, SEED plus any
-``-p NAME VALUE``) into ``<out>/notebooks/<run>.ipynb``; the notebook writes ``<out>/tiny_runs/<run>/`` (trainer
-output, ``metrics.jsonl``, ``results.json``). A run whose ``results.json`` exists is skipped, so an interrupted grid
-resumes; a run in progress in another grid process (``<run>.lock`` with a live process id) is skipped, so two
-grid processes can share one output folder. Runs go seed by seed, so the first seed of every method finishes first. A failed run is reported and the
-grid goes on; the exit status is non-zero if any run failed.
+Each run is :func:`nca_kit.experiment.run_experiment` on an :class:`~nca_kit.experiment.ExperimentSpec` (method, K,
+seed, plus any ``-p NAME VALUE``: a spec field, or the notebook's upper-case parameter name such as ``STEPS``),
+the same steps notebook 20 shows one by one. A run writes ``<out>/tiny_runs/<run>/`` (trainer output,
+``metrics.jsonl``, ``results.json``: the record of :mod:`nca_kit.experiment`). A run whose ``results.json`` exists
+is skipped, so an interrupted grid resumes; a run in progress in another grid process (``<run>.lock`` with a live
+process id) is skipped, so two grid processes can share one output folder. Runs go seed by seed, so the first seed
+of every method finishes first. A failed run is reported and the grid goes on; the exit status is non-zero if any
+run failed. Every spec is validated before the first run starts.
 
-Collected into ``<out>``: ``results.csv`` (one row per run), ``results_table.md`` (mean and [min, max] over seeds per
-method and K), ``results.png`` (held-out metrics, mean with min-max bars), ``likelihood_trends.png`` (Fig. 5 at this
-scale: log-likelihood change of the best and worst training answer, mean and min-max band over seeds) and
-``k_ablation.png`` (Fig. 4: held-out metrics against K). ``--docs DIR`` copies the figures there too.
+Collected into ``<out>``: ``results.csv`` (one row per run, :func:`nca_kit.experiment.flat_row`),
+``results_table.md`` (mean and [min, max] over seeds per method and K), ``results.png`` (held-out metrics, mean with
+min-max bars), ``likelihood_trends.png`` (Fig. 5 at this scale: log-likelihood change of the best and worst training
+answer, mean and min-max band over seeds) and ``k_ablation.png`` (Fig. 4: held-out metrics against K). ``--docs
+DIR`` copies the figures there too.
 """
 
 from __future__ import annotations
@@ -29,18 +33,26 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from collections import defaultdict
+from dataclasses import fields
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-NOTEBOOK = REPO / "notebooks" / "20_real_tiny_reproduction.ipynb"
+sys.path.insert(0, str(REPO))
+
+from nca_kit.experiment import (  # noqa: E402
+    METHODS,
+    PAIR_METHODS,
+    ExperimentSpec,
+    flat_row,
+    load_records,
+    run_experiment,
+)
+
 HEADLINE = ("dpo", "infonca", "nca")
-EXTRA = ("dpo_x3", "dpo_all_pairs", "pair_nca")
-PAIR_METHODS = ("dpo", "pair_nca")
-
-
-def run_name(method: str, k: int, seed: int) -> str:
-    return f"{method}_k{k}_s{seed}"  # the notebook's RUN
+EXTRA = tuple(m for m in METHODS if m not in HEADLINE)
+__all__ = ["flat_row", "plan", "parse_value", "specs", "collect", "main"]
 
 
 def plan(methods, seeds, ks_ablation) -> list[tuple[str, int, int]]:
@@ -57,37 +69,52 @@ def parse_value(text: str):
         return text
 
 
-def execute(method: str, k: int, seed: int, out: Path, params: dict, smoke: bool) -> tuple[bool, float]:
-    import papermill as pm
+def spec_overrides(params: dict) -> dict:
+    """``-p`` names (a spec field, or the notebook's parameter name: ``STEPS``, ``N_EVAL``) -> spec fields."""
+    names = {f.name for f in fields(ExperimentSpec)}
+    aliases = {"LR": "lr", "GEN_SEED": "gen_seed", "SMOKE": "smoke"}
+    out = {}
+    for name, value in params.items():
+        field = aliases.get(name, name.lower())
+        if field not in names or field in ("method", "k", "seed"):
+            raise SystemExit(f"error: -p {name}: not a setting of the grid's runs; one of "
+                             + ", ".join(sorted(names - {"method", "k", "seed"})))
+        out[field] = value
+    return out
 
-    name = run_name(method, k, seed)
+
+def specs(runs, params: dict, smoke: bool) -> list[ExperimentSpec]:
+    """The validated spec of every planned run (a bad parameter stops the grid before any run starts)."""
+    out = []
+    for method, k, seed in runs:
+        try:
+            spec = ExperimentSpec(method=method, k=k, seed=seed, **spec_overrides(params))
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+        out.append(spec.smoke_sized()[0] if smoke else spec)
+    return out
+
+
+def execute(spec: ExperimentSpec, out: Path) -> tuple[bool, float]:
+    name = spec.run_name
     if (out / "tiny_runs" / name / "results.json").exists():
         print(f"[skip] {name}: results.json exists", flush=True)
         return True, 0.0
-    (out / "notebooks").mkdir(parents=True, exist_ok=True)
     lock = out / "tiny_runs" / f"{name}.lock"  # several grid processes may share one output folder
     lock.parent.mkdir(parents=True, exist_ok=True)
     if lock.exists() and _alive(int(lock.read_text() or 0)):
         print(f"[skip] {name}: running in process {lock.read_text()}", flush=True)
         return True, 0.0
     lock.write_text(str(os.getpid()))
-    env_before = dict(os.environ)
-    os.environ["NCA_KIT_OUT"] = str(out.resolve())
-    if smoke:
-        os.environ["NCA_KIT_SMOKE"] = "1"
     started = time.time()
     try:
-        pm.execute_notebook(str(NOTEBOOK), str(out / "notebooks" / f"{name}.ipynb"),
-                            parameters={"METHOD": method, "K": k, "SEED": seed, **params},
-                            cwd=str(NOTEBOOK.parent), kernel_name="python3", progress_bar=False)
+        run_experiment(spec, out=out)
         ok = True
-    except Exception as err:  # papermill raises PapermillExecutionError with the failing cell
-        print(f"[fail] {name}: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}",
-              flush=True)
+    except Exception as err:  # report, go on with the next run
+        last = traceback.format_exception_only(type(err), err)[-1].strip()
+        print(f"[fail] {name}: {last}", flush=True)
         ok = False
     finally:
-        os.environ.clear()
-        os.environ.update(env_before)
         lock.unlink(missing_ok=True)
     seconds = time.time() - started
     print(f"[{'done' if ok else 'FAILED'}] {name} in {seconds:.0f} s", flush=True)
@@ -109,40 +136,6 @@ def _alive(pid: int) -> bool:
 # --------------------------------------------------------------------------------------------------------------------
 # Collection
 # --------------------------------------------------------------------------------------------------------------------
-
-METRICS = ("greedy_accuracy", "sample_reward", "sample_accuracy", "kl")
-
-
-def load_results(out: Path) -> list[dict]:
-    records = []
-    for path in sorted((out / "tiny_runs").glob("*/results.json")):
-        records.append(json.loads(path.read_text()))
-    return records
-
-
-def flat_row(r: dict) -> dict:
-    trend = r["trend"]
-    row = {"run": r["run"], "method": r["method"], "loss_type": r["loss_type"], "k": r["k"], "seed": r["seed"],
-           "steps": r["steps"], "batch": r["batch"], "alpha": r["alpha"], "beta": r["beta"], "lr": r["lr"],
-           "smoke": r["smoke"], "train_rows": r["train_rows"], "train_seconds": r["train_seconds"],
-           "final_loss": r["final_loss"]}
-    for m in METRICS:
-        row[m] = r["trained"][m]
-        row[f"base_{m}"] = r["base"][m]
-    row["n_eval"] = r["trained"]["n_prompts"]
-    row["chosen_delta_final"] = trend["chosen"][-1] if trend["chosen"] else float("nan")
-    row["rejected_delta_final"] = trend["rejected"][-1] if trend["rejected"] else float("nan")
-    row["chosen_delta_min"] = min(trend["chosen"]) if trend["chosen"] else float("nan")
-    # One step's value is noisy (4 fresh prompts per step): the mean over the second half of training is the summary.
-    half = len(trend["chosen"]) // 2
-    row["chosen_delta_late"] = _mean(trend["chosen"][half:])
-    row["rejected_delta_late"] = _mean(trend["rejected"][half:])
-    return row
-
-
-def _mean(values) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
 
 def group(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
@@ -205,7 +198,6 @@ def _beta_label(records: list[dict]) -> str:
 
 
 def figures(rows: list[dict], records: list[dict], out: Path) -> list[Path]:
-    sys.path.insert(0, str(REPO))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,7 +255,7 @@ def figures(rows: list[dict], records: list[dict], out: Path) -> list[Path]:
 
 
 def collect(out: Path, docs: Path | None) -> None:
-    records = load_results(out)
+    records = load_records(out)
     if not records:
         print(f"no results.json under {out / 'tiny_runs'}")
         return
@@ -292,8 +284,8 @@ def main(argv=None) -> int:
     parser.add_argument("--full", action="store_true", help="add dpo_x3, dpo_all_pairs, pair_nca and K = 2, 3")
     parser.add_argument("--ks", nargs="+", type=int, default=None, help="K ablation values (default with --full: 2 3)")
     parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                        help="papermill parameter for every run")
-    parser.add_argument("--smoke", action="store_true", help="NCA_KIT_SMOKE=1 for every run")
+                        help="a setting of every run: an ExperimentSpec field or notebook 20's parameter name")
+    parser.add_argument("--smoke", action="store_true", help="smoke sizes for every run (SMOKE_SIZES)")
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--docs", type=Path, default=None, help="also copy the figures into this folder")
     args = parser.parse_args(argv)
@@ -305,15 +297,15 @@ def main(argv=None) -> int:
         methods = list(args.methods) + ([m for m in EXTRA if m not in args.methods] if args.full else [])
         ks = args.ks if args.ks is not None else ([2, 3] if args.full else [])
         params = {name: parse_value(value) for name, value in args.param}
-        runs = plan(methods, args.seeds, ks)
-        print(f"{len(runs)} runs into {out}: " + ", ".join(run_name(*r) for r in runs), flush=True)
+        runs = specs(plan(methods, args.seeds, ks), params, args.smoke)
+        print(f"{len(runs)} runs into {out}: " + ", ".join(spec.run_name for spec in runs), flush=True)
         started = time.time()
         log = []
-        for method, k, seed in runs:
-            ok, seconds = execute(method, k, seed, out, params, args.smoke)
-            log.append({"run": run_name(method, k, seed), "ok": ok, "seconds": round(seconds, 1)})
+        for spec in runs:
+            ok, seconds = execute(spec, out)
+            log.append({"run": spec.run_name, "ok": ok, "seconds": round(seconds, 1)})
             if not ok:
-                failed.append(run_name(method, k, seed))
+                failed.append(spec.run_name)
             (out / "grid_log.json").write_text(json.dumps({"runs": log, "params": params,
                                                            "wall_seconds": round(time.time() - started, 1)},
                                                           indent=1))

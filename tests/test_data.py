@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from nca_kit import data as D
+from nca_kit.data import schema
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -321,11 +322,11 @@ def test_invalid_pairs():
 
 
 def test_reward_parsing():
-    assert D._parse_reward("7.5") == (7.5, None)
-    assert D._parse_reward("N/A") == (None, "missing_reward")
-    assert D._parse_reward(float("inf")) == (None, "nan_reward")
-    assert D._parse_reward("great") == (None, "unparseable_reward")
-    assert D._parse_reward(True) == (None, "unparseable_reward")
+    assert schema._parse_reward("7.5") == (7.5, None)
+    assert schema._parse_reward("N/A") == (None, "missing_reward")
+    assert schema._parse_reward(float("inf")) == (None, "nan_reward")
+    assert schema._parse_reward("great") == (None, "unparseable_reward")
+    assert schema._parse_reward(True) == (None, "unparseable_reward")
 
 
 def test_records_roundtrip_and_validation():

@@ -103,7 +103,8 @@ def test_evaluate_cached_runs_once(tiny, tmp_path):
     assert second.summary() == first.summary() and second.rows == first.rows
     ev.evaluate_cached(tmp_path, load, problems, tag="tiny", **{**kwargs, "max_new_tokens": 2})
     ev.evaluate_cached(tmp_path, load, problems[:1], tag="tiny", **kwargs)
-    assert len(calls) == 3 and len(list(tmp_path.glob("eval_tiny_*.json"))) == 3  # other settings: other files
+    entries = [p for p in tmp_path.glob("eval_tiny_*.json") if not p.name.endswith(".settings.json")]
+    assert len(calls) == 3 and len(entries) == 3  # other settings: other files
 
 
 def test_likelihood_trends_reads_trainer_metrics():
@@ -113,3 +114,11 @@ def test_likelihood_trends_reads_trainer_metrics():
         {"step": 2, "loss": 0.5, "logps/chosen_delta": -0.3, "logps/rejected_delta": -0.9},
     ]
     assert ev.likelihood_trends(metrics) == {"step": [1, 2], "chosen": [0.1, -0.3], "rejected": [-0.2, -0.9]}
+
+
+def test_the_kl_pass_truncates_with_the_lengths_it_is_given(tiny):
+    model, tokenizer = tiny
+    problems = make_prompts(2, seed=0)  # chat prompts of ~30 tokens: a 16-token cap cuts them
+    with pytest.warns(UserWarning, match="prompt\\(s\\) cut to their last 16 tokens"):
+        ev.evaluate(_lora(model, perturb=False), tokenizer, problems, max_new_tokens=3, max_prompt_length=16,
+                    max_length=24, progress=False)

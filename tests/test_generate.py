@@ -11,9 +11,9 @@ from nca_kit.generate import (
     cache_path,
     load_or_generate,
     reward_stats,
-    sample_responses,
 )
 from nca_kit.models import tiny_model, tiny_tokenizer
+from nca_kit.sampling import sample_responses
 from nca_kit.tasks import make_prompts
 
 SMALL = GenerationSettings(model_id="tiny-mistral", n_train=5, n_test=3, k=3, max_new_tokens=6, batch_size=6)

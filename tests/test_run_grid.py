@@ -95,3 +95,17 @@ def test_collect_without_runs_says_so(grid, tmp_path, capsys):
     grid.collect(tmp_path, docs=None)
     assert "no results.json" in capsys.readouterr().out
     assert not (tmp_path / "results.csv").exists()
+
+
+def test_grid_specs_take_notebook_parameter_names_and_fail_before_any_run(grid):
+    runs = grid.plan(["dpo", "nca"], [0], [])
+    specs = grid.specs(runs, {"STEPS": 12, "N_EVAL": 50, "lr": 1e-4}, smoke=False)
+    assert [s.run_name for s in specs] == ["dpo_k4_s0", "nca_k4_s0"]
+    assert all((s.steps, s.n_eval, s.lr) == (12, 50, 1e-4) for s in specs)
+    assert grid.specs(runs, {}, smoke=True)[0].steps == 3  # smoke sizes
+    with pytest.raises(SystemExit, match="steps must be an integer >= 1, got 0"):
+        grid.specs(runs, {"STEPS": 0}, smoke=False)
+    with pytest.raises(SystemExit, match="-p SEED: not a setting of the grid's runs"):
+        grid.specs(runs, {"SEED": 3}, smoke=False)  # seeds come from --seeds
+    with pytest.raises(SystemExit, match="-p WIDTH: not a setting"):
+        grid.specs(runs, {"WIDTH": 3}, smoke=False)

@@ -10,7 +10,7 @@ import datasets
 import pytest
 import torch
 
-from nca_kit.training import NCATrainer, TrainConfig, batch_metrics, load_training_dataset, read_metrics, train
+from nca_kit.training import NCATrainer, TrainConfig, batch_metrics, prepare_data, read_metrics, train
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -212,13 +212,13 @@ def test_batch_size_must_split_evenly(tmp_path):
 
 
 def test_local_files_in_both_schemas():
-    reward, kind = load_training_dataset(TrainConfig(dataset=str(FIXTURES / "tiny_reward.jsonl"), dataset_layout=None))
+    reward, kind = prepare_data(TrainConfig(dataset=str(FIXTURES / "tiny_reward.jsonl"), dataset_layout=None))
     assert kind == "reward" and len(reward) == 12
-    pairs, kind = load_training_dataset(TrainConfig(dataset=str(FIXTURES / "tiny_pairwise.jsonl"), dataset_layout=None,
+    pairs, kind = prepare_data(TrainConfig(dataset=str(FIXTURES / "tiny_pairwise.jsonl"), dataset_layout=None,
                                                     max_train_samples=3))
     assert kind == "pairwise" and len(pairs) == 3
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_training_dataset(TrainConfig(dataset="no/such/file.jsonl", dataset_layout=None))
+        prepare_data(TrainConfig(dataset="no/such/file.jsonl", dataset_layout=None))
 
 
 def test_trainer_requires_all_columns(tmp_path):

@@ -1,27 +1,4 @@
-r"""Preference and reward data: canonical records, dataset adapters and conversions.
-
-NCA and InfoNCA learn from **reward datasets** ``x -> {(y_i, r_i)}_{i=1..K}`` (paper Eq. 6 and 11); DPO and
-pairwise NCA learn from **preference datasets** ``x -> (y_w > y_l)`` (Eq. 5 and 12). Every public dataset has its
-own layout; this module turns each one into one of two canonical ``datasets.Dataset`` schemas:
-
-Reward dataset (:class:`RewardRecord`, one row per prompt)::
-
-    prompt     list of {"role", "content"} messages, ending with a user (or system) turn
-    responses  list[str]    K assistant completions (K may differ between prompts)
-    rewards    list[float]  K finite rewards, same order as ``responses``
-    id         str          the source row's id, else its row number
-    source     str          where the row comes from (the source's own ``source`` field, else the layout name)
-
-Preference dataset (:class:`PreferenceRecord`, one row per pair)::
-
-    prompt          messages, as above
-    chosen          str     the preferred completion y_w
-    rejected        str     the other completion y_l
-    score_chosen    float | None   the chosen response's score when the source has one
-    score_rejected  float | None
-    id, source      str
-
-A plain-text prompt becomes a single user message.
+r"""Dataset layouts and their adapters: every supported public layout read into a canonical schema.
 
 **Layouts** (:data:`LAYOUTS`, detected from the columns by :func:`detect_layout`): raw ``openbmb/UltraFeedback``,
 the NCA authors' ``A0..A{K-1}`` reward layout, ``HuggingFaceH4/ultrafeedback_binarized``,
@@ -29,469 +6,38 @@ the NCA authors' ``A0..A{K-1}`` reward layout, ``HuggingFaceH4/ultrafeedback_bin
 transcripts, and the canonical schemas themselves. :func:`load_reward_dataset` and :func:`load_preference_dataset`
 read any of them from a hub id (through ``datasets.load_dataset``), a local ``.jsonl`` / ``.json`` / ``.parquet``
 file (``.gz`` allowed), a ``save_to_disk`` folder, or an in-memory ``Dataset`` / list of dicts.
+:func:`load_training_dataset` is what the trainer reads: a local canonical file, or any layout through the loaders.
 
-**Invalid items are never dropped silently.** ``on_invalid="raise"`` (the default) stops at the first one with an
-:class:`InvalidRecordError` naming the row and the reason; ``on_invalid="skip"`` drops it and counts it in a
-:class:`LoadReport` (logged through :mod:`logging`, returned with ``return_report=True``). The reasons are listed in
-:data:`SKIP_REASONS`. In a reward row an invalid *response* (empty text, missing or NaN reward) drops that response
-only; the prompt survives while at least ``min_responses`` responses remain.
-
-**Ties.** A reward dataset keeps ties as they are: InfoNCA / NCA turn rewards into soft labels
-``softmax(r / alpha)``, which simply share the weight between tied responses. Pairs are different, since a pair
-asserts a preference: conversions to pairs never pair two responses of equal reward, and a prompt whose responses
-all tie yields no pair at all. Both are counted in the report (``tied_pairs`` and ``all_tied``). Where a rule needs
-"the best" response and several tie for the maximum, the first of them (lowest index) is used.
+Adding a layout: a :class:`Layout` entry in :data:`LAYOUTS` (and its place in ``_DETECTION_ORDER``) and a row reader
+in ``_REWARD_READERS`` or ``_PAIR_READERS`` that yields canonical dicts through ``_build_reward`` / ``_build_pair``.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-import logging
-import math
 import os
 import re
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, TypedDict
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import datasets
-import numpy as np
 
-__all__ = [
-    "Message",
-    "RewardRecord",
-    "PreferenceRecord",
-    "REWARD_FEATURES",
-    "PREFERENCE_FEATURES",
-    "Layout",
-    "LAYOUTS",
-    "SKIP_REASONS",
-    "PAIR_STRATEGIES",
-    "ULTRAFEEDBACK_SCORES",
-    "LoadReport",
-    "InvalidRecordError",
-    "as_messages",
-    "records_to_dataset",
-    "dataset_to_records",
-    "validate_reward_dataset",
-    "validate_preference_dataset",
-    "detect_layout",
-    "load_reward_dataset",
-    "load_preference_dataset",
-    "parse_hh_transcript",
-    "hh_rlhf_local_path",
-    "load_hh_rlhf",
-    "rewards_to_pairs",
-    "pairs_to_rewards",
-    "subsample_responses",
-    "summarize",
-]
-
-logger = logging.getLogger(__name__)
-
-ROLES = ("system", "user", "assistant")
-OnInvalid = Literal["raise", "skip"]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Canonical records
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class Message(TypedDict):
-    """One chat turn: ``{"role": "system" | "user" | "assistant", "content": str}``."""
-
-    role: str
-    content: str
-
-
-@dataclass
-class RewardRecord:
-    """One prompt with K scored responses: the unit of InfoNCA / NCA training (paper Sec. 3-4)."""
-
-    prompt: list[Message]
-    responses: list[str]
-    rewards: list[float]
-    id: str | None = None
-    source: str | None = None
-
-    @property
-    def k(self) -> int:
-        return len(self.responses)
-
-    def problems(self) -> list[str]:
-        """Reasons (keys of :data:`SKIP_REASONS`) why this record is not a valid reward record; empty when valid."""
-        out = []
-        reason = _prompt_problem(self.prompt)
-        if reason:
-            out.append(reason)
-        if len(self.responses) != len(self.rewards):
-            out.append("length_mismatch")
-        for response in self.responses:
-            if not isinstance(response, str) or not response.strip():
-                out.append("empty_response")
-        for reward in self.rewards:
-            value, reason = _parse_reward(reward)
-            if reason:
-                out.append(reason)
-        if len(self.responses) < 1:
-            out.append("too_few_responses")
-        return out
-
-    def to_dict(self) -> dict:
-        return {
-            "prompt": [dict(m) for m in self.prompt],
-            "responses": list(self.responses),
-            "rewards": list(self.rewards),
-            "id": self.id,
-            "source": self.source,
-        }
-
-    @classmethod
-    def from_dict(cls, row: Mapping) -> RewardRecord:
-        return cls(
-            prompt=as_messages(row["prompt"]),
-            responses=list(row["responses"]),
-            rewards=list(row["rewards"]),
-            id=row.get("id"),
-            source=row.get("source"),
-        )
-
-
-@dataclass
-class PreferenceRecord:
-    """One prompt with a preferred (``chosen``) and a dispreferred (``rejected``) completion: DPO's unit (Eq. 5)."""
-
-    prompt: list[Message]
-    chosen: str
-    rejected: str
-    score_chosen: float | None = None
-    score_rejected: float | None = None
-    id: str | None = None
-    source: str | None = None
-
-    def problems(self) -> list[str]:
-        """Reasons (keys of :data:`SKIP_REASONS`) why this record is not a valid pair; empty when valid."""
-        out = []
-        reason = _prompt_problem(self.prompt)
-        if reason:
-            out.append(reason)
-        for text in (self.chosen, self.rejected):
-            if not isinstance(text, str) or not text.strip():
-                out.append("empty_response")
-        if isinstance(self.chosen, str) and self.chosen == self.rejected:
-            out.append("identical_pair")
-        for score in (self.score_chosen, self.score_rejected):
-            if score is not None:
-                value, reason = _parse_reward(score)
-                if reason and reason != "missing_reward":
-                    out.append(reason)
-        return out
-
-    def to_dict(self) -> dict:
-        return {
-            "prompt": [dict(m) for m in self.prompt],
-            "chosen": self.chosen,
-            "rejected": self.rejected,
-            "score_chosen": self.score_chosen,
-            "score_rejected": self.score_rejected,
-            "id": self.id,
-            "source": self.source,
-        }
-
-    @classmethod
-    def from_dict(cls, row: Mapping) -> PreferenceRecord:
-        return cls(
-            prompt=as_messages(row["prompt"]),
-            chosen=row["chosen"],
-            rejected=row["rejected"],
-            score_chosen=row.get("score_chosen"),
-            score_rejected=row.get("score_rejected"),
-            id=row.get("id"),
-            source=row.get("source"),
-        )
-
-
-_MESSAGES = [{"role": datasets.Value("string"), "content": datasets.Value("string")}]
-
-#: Column types of a canonical reward dataset.
-REWARD_FEATURES = datasets.Features(
-    {
-        "prompt": _MESSAGES,
-        "responses": [datasets.Value("string")],
-        "rewards": [datasets.Value("float64")],
-        "id": datasets.Value("string"),
-        "source": datasets.Value("string"),
-    }
+from nca_kit.data.convert import pairs_to_rewards, rewards_to_pairs
+from nca_kit.data.schema import (
+    PREFERENCE_FEATURES,
+    REWARD_FEATURES,
+    LoadReport,
+    Message,
+    OnInvalid,
+    _from_rows,
+    _parse_reward,
+    _Policy,
+    _prompt_problem,
+    as_messages,
+    canonical_kind,
 )
-
-#: Column types of a canonical preference dataset.
-PREFERENCE_FEATURES = datasets.Features(
-    {
-        "prompt": _MESSAGES,
-        "chosen": datasets.Value("string"),
-        "rejected": datasets.Value("string"),
-        "score_chosen": datasets.Value("float64"),
-        "score_rejected": datasets.Value("float64"),
-        "id": datasets.Value("string"),
-        "source": datasets.Value("string"),
-    }
-)
-
-
-def as_messages(prompt: str | Sequence[Mapping]) -> list[Message]:
-    """A prompt as a list of messages: a string becomes one user message; message dicts are copied.
-
-    Only ``role`` and ``content`` are kept. Raises ``ValueError`` on anything else.
-    """
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, Sequence) and all(isinstance(m, Mapping) for m in prompt):
-        out = []
-        for m in prompt:
-            if "role" not in m or "content" not in m:
-                raise ValueError(f"a message needs 'role' and 'content' keys, got keys {sorted(m)}")
-            out.append({"role": m["role"], "content": m["content"]})
-        return out
-    raise ValueError(f"a prompt must be a string or a list of messages, got {type(prompt).__name__}")
-
-
-def records_to_dataset(records: Iterable[RewardRecord | PreferenceRecord]) -> datasets.Dataset:
-    """Canonical records -> ``datasets.Dataset`` with :data:`REWARD_FEATURES` or :data:`PREFERENCE_FEATURES`.
-
-    All records must be of one type. An empty iterable gives an empty reward dataset.
-    """
-    records = list(records)
-    kinds = {type(r) for r in records}
-    if len(kinds) > 1:
-        raise ValueError(f"records mix types {sorted(k.__name__ for k in kinds)}; convert them to one type first")
-    if records and isinstance(records[0], PreferenceRecord):
-        return _from_rows([r.to_dict() for r in records], PREFERENCE_FEATURES)
-    if records and not isinstance(records[0], RewardRecord):
-        raise ValueError(f"expected RewardRecord or PreferenceRecord, got {type(records[0]).__name__}")
-    return _from_rows([r.to_dict() for r in records], REWARD_FEATURES)
-
-
-def dataset_to_records(ds: datasets.Dataset) -> list[RewardRecord] | list[PreferenceRecord]:
-    """``datasets.Dataset`` in a canonical schema -> list of :class:`RewardRecord` or :class:`PreferenceRecord`."""
-    kind = _canonical_kind(ds)
-    cls = RewardRecord if kind == "reward" else PreferenceRecord
-    return [cls.from_dict(row) for row in ds]
-
-
-def validate_reward_dataset(ds: datasets.Dataset) -> None:
-    """Raise ``ValueError`` unless ``ds`` is a canonical reward dataset whose every row is valid."""
-    _validate(ds, "reward")
-
-
-def validate_preference_dataset(ds: datasets.Dataset) -> None:
-    """Raise ``ValueError`` unless ``ds`` is a canonical preference dataset whose every row is valid."""
-    _validate(ds, "pairwise")
-
-
-def _validate(ds: datasets.Dataset, kind: str) -> None:
-    found = _canonical_kind(ds)
-    if found != kind:
-        raise ValueError(f"expected a canonical {kind} dataset, got a {found} dataset (columns {ds.column_names})")
-    cls = RewardRecord if kind == "reward" else PreferenceRecord
-    bad = []
-    for i, row in enumerate(ds):
-        problems = cls.from_dict(row).problems()
-        if problems:
-            bad.append(f"row {i} (id {row.get('id')!r}): {', '.join(sorted(set(problems)))}")
-    if bad:
-        more = f" ... and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise ValueError(f"{len(bad)} invalid row(s) in {kind} dataset: " + "; ".join(bad[:5]) + more)
-
-
-def _canonical_kind(ds) -> str:
-    cols = set(ds.column_names)
-    if {"prompt", "responses", "rewards"} <= cols:
-        return "reward"
-    if {"prompt", "chosen", "rejected"} <= cols:
-        return "pairwise"
-    raise ValueError(
-        f"not a canonical dataset: columns {ds.column_names}; a reward dataset needs prompt, responses, rewards and "
-        "a preference dataset needs prompt, chosen, rejected (load raw layouts with load_reward_dataset / "
-        "load_preference_dataset)"
-    )
-
-
-def _from_rows(rows: list[dict], features: datasets.Features) -> datasets.Dataset:
-    if not rows:
-        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
-    return datasets.Dataset.from_list(rows, features=features)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Invalid items: the policy and the report
-# --------------------------------------------------------------------------------------------------------------------
-
-#: Why an item was left out. ``on_invalid`` governs the first group; the conversions' drops are never errors.
-#: A problem with one response of a reward row drops that response (the row stays while ``min_responses`` remain);
-#: any problem with a pair drops the pair.
-SKIP_REASONS = {
-    # invalid data (raise or skip, per on_invalid)
-    "empty_prompt": "the prompt has no message, or only blank text",
-    "malformed_conversation": "the messages cannot be split into a prompt and a final assistant completion",
-    "inconsistent_prompt": "the K responses of a row were written for different prompts",
-    "length_mismatch": "responses and rewards have different lengths",
-    "empty_response": "a response is empty or blank",
-    "missing_reward": "a reward or score is absent, null or 'N/A'",
-    "nan_reward": "a reward or score is NaN or infinite",
-    "unparseable_reward": "a reward or score is not a number",
-    "identical_pair": "chosen and rejected are the same text",
-    "too_few_responses": "fewer than min_responses valid responses remain for the prompt",
-    # conversions (always counted, never raised)
-    "all_tied": "every response of the prompt has the same reward, so it yields no pair",
-    "tied_pairs": "a response was not paired with another one of equal reward",
-}
-
-_CONVERSION_REASONS = ("all_tied", "tied_pairs")
-
-
-class InvalidRecordError(ValueError):
-    """An invalid row under ``on_invalid="raise"``; ``reason`` is a key of :data:`SKIP_REASONS`."""
-
-    def __init__(self, reason: str, where: str, detail: str = "", source: str = ""):
-        self.reason, self.where, self.detail = reason, where, detail
-        msg = f"{reason} at {where}" + (f" in {source}" if source else "") + (f" ({detail})" if detail else "")
-        msg += f": {SKIP_REASONS.get(reason, '')}. Pass on_invalid='skip' to drop and count such items instead."
-        super().__init__(msg)
-
-
-@dataclass
-class LoadReport:
-    """What a loader or a conversion read, kept and left out, by reason.
-
-    ``skipped`` counts items left out (keys of :data:`SKIP_REASONS`); ``notes`` counts items kept but adjusted or
-    worth a look: ``merged_consecutive_turns`` (an HH-RLHF row with consecutive turns of one role, joined with a
-    blank line), ``merged_assistant_turns`` (a completion made of several assistant messages, joined likewise),
-    ``tied_scores`` / ``score_contradicts_label`` (:func:`pairs_to_rewards`) and ``fewer_than_k``
-    (:func:`subsample_responses`).
-    ``examples`` keeps the first few places per reason: the row id (the source's id, else its row number), with
-    ``[i]`` appended for response ``i`` of a reward row and ``.chosen`` / ``.rejected`` for one side of a pair.
-    """
-
-    source: str = ""
-    layout: str = ""
-    rows_in: int = 0
-    rows_out: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    notes: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-
-    max_examples = 5
-
-    def skip(self, reason: str, where: str, n: int = 1) -> None:
-        self.skipped[reason] += n
-        ex = self.examples.setdefault(reason, [])
-        if len(ex) < self.max_examples:
-            ex.append(where)
-
-    def note(self, kind: str, where: str, n: int = 1) -> None:
-        self.notes[kind] += n
-        ex = self.examples.setdefault(kind, [])
-        if len(ex) < self.max_examples:
-            ex.append(where)
-
-    def merge(self, other: LoadReport) -> LoadReport:
-        """This report followed by ``other`` (a later step): counts add up, ``rows_out`` is the later step's."""
-        out = LoadReport(
-            source=self.source or other.source,
-            layout=" -> ".join(x for x in (self.layout, other.layout) if x),
-            rows_in=self.rows_in,
-            rows_out=other.rows_out,
-            skipped=self.skipped + other.skipped,
-            notes=self.notes + other.notes,
-        )
-        for rep in (self, other):
-            for k, v in rep.examples.items():
-                out.examples.setdefault(k, []).extend(v[: self.max_examples - len(out.examples.get(k, []))])
-        return out
-
-    @property
-    def n_skipped(self) -> int:
-        return sum(self.skipped.values())
-
-    def to_dict(self) -> dict:
-        return {
-            "source": self.source,
-            "layout": self.layout,
-            "rows_in": self.rows_in,
-            "rows_out": self.rows_out,
-            "skipped": dict(sorted(self.skipped.items())),
-            "notes": dict(sorted(self.notes.items())),
-        }
-
-    def __str__(self) -> str:
-        head = f"{self.source or '<data>'} [{self.layout}]: {self.rows_in} rows in -> {self.rows_out} rows out"
-        lines = [head]
-        for title, counts in (("skipped", self.skipped), ("notes", self.notes)):
-            for k, v in sorted(counts.items()):
-                ex = ", ".join(self.examples.get(k, []))
-                lines.append(f"  {title} {k}: {v}" + (f" (e.g. {ex})" if ex else ""))
-        return "\n".join(lines)
-
-    def log(self, log: logging.Logger = logger) -> None:
-        """Log the report: WARNING when something was left out, INFO otherwise."""
-        invalid = sum(v for k, v in self.skipped.items() if k not in _CONVERSION_REASONS)
-        log.log(logging.WARNING if invalid else logging.INFO, "%s", self)
-
-
-class _Policy:
-    """Applies ``on_invalid`` to one load and fills its report."""
-
-    def __init__(self, on_invalid: OnInvalid, report: LoadReport):
-        if on_invalid not in ("raise", "skip"):
-            raise ValueError(f"on_invalid must be 'raise' or 'skip', got {on_invalid!r}")
-        self.on_invalid, self.report = on_invalid, report
-
-    def invalid(self, reason: str, where: str, detail: str = "") -> None:
-        if self.on_invalid == "raise":
-            raise InvalidRecordError(reason, where, detail, self.report.source)
-        self.report.skip(reason, where)
-
-
-def _prompt_problem(prompt) -> str | None:
-    if not isinstance(prompt, list) or not prompt:
-        return "empty_prompt"
-    for m in prompt:
-        if not isinstance(m, Mapping) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            return "malformed_conversation"
-    if not any(m["content"].strip() for m in prompt):
-        return "empty_prompt"
-    if prompt[-1]["role"] == "assistant":
-        return "malformed_conversation"
-    return None
-
-
-_MISSING_STRINGS = {"", "n/a", "na", "none", "null"}
-
-
-def _parse_reward(x) -> tuple[float | None, str | None]:
-    """``(value, None)`` for a finite number, else ``(None, reason)``."""
-    if x is None:
-        return None, "missing_reward"
-    if isinstance(x, bool):
-        return None, "unparseable_reward"
-    if isinstance(x, str):
-        if x.strip().lower() in _MISSING_STRINGS:
-            return None, "missing_reward"
-        try:
-            x = float(x)
-        except ValueError:
-            return None, "unparseable_reward"
-    try:
-        value = float(x)
-    except (TypeError, ValueError):
-        return None, "unparseable_reward"
-    if not math.isfinite(value):
-        return None, "nan_reward"
-    return value, None
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Layouts
@@ -1108,7 +654,7 @@ def load_preference_dataset(
 # ----- HH-RLHF ------------------------------------------------------------------------------------------------------
 
 HH_RLHF_ENV = "NCA_KIT_HH_RLHF"
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def hh_rlhf_local_path(split: str = "test", data_dir: str = "harmless-base") -> Path | None:
@@ -1156,188 +702,40 @@ def load_hh_rlhf(
                                    **hub_kwargs)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Conversions
-# --------------------------------------------------------------------------------------------------------------------
 
-#: How :func:`rewards_to_pairs` turns K scored responses into pairs.
-PAIR_STRATEGIES = ("zephyr", "best_vs_rest", "all_pairs")
+# ----- what the trainer reads ----------------------------------------------------------------------------------------
+
+DATA_KINDS = ("auto", "reward", "pairwise")
 
 
-def _best_index(rewards: Sequence[float]) -> int:
-    return int(np.argmax(rewards))  # first of the maxima
+def load_training_dataset(source: str, *, layout: str | None = None, split: str = "train", data_kind: str = "auto",
+                          max_samples: int | None = None) -> tuple[datasets.Dataset, str]:
+    """``(dataset, kind)``: a training set in a canonical schema and ``"reward"`` or ``"pairwise"``.
 
-
-def rewards_to_pairs(ds: datasets.Dataset, strategy: str = "zephyr", *, seed: int = 0, return_report: bool = False):
-    """Reward dataset -> preference dataset.
-
-    Strategies (``b`` = the best response, the first one when several share the maximum reward):
-
-    * ``"zephyr"``: one pair per prompt, ``b`` against one response drawn uniformly among those with a strictly
-      lower reward (how ``HuggingFaceH4/ultrafeedback_binarized`` was built). The draw uses
-      ``numpy.random.default_rng([seed, row_index])``, so it is deterministic per seed and per row.
-    * ``"best_vs_rest"``: ``b`` against each response with a strictly lower reward: K - 1 pairs when ``b`` is a
-      strict best (the DPO x (K-1) baseline of Table 2).
-    * ``"all_pairs"``: every ordered pair ``(i, j)`` with ``r_i > r_j``: C(K, 2) pairs when no two rewards tie.
-
-    Equal rewards never form a pair: ``report.skipped["tied_pairs"]`` counts the responses tied with ``b`` (left out
-    of the rejected candidates) for ``"zephyr"`` / ``"best_vs_rest"``, and every unordered tied pair for
-    ``"all_pairs"``. A prompt whose responses all tie yields nothing and is counted in ``report.skipped["all_tied"]``.
-    Pair ids are ``"{id}:{i}>{j}"`` with response indices; scores are the two rewards.
+    Without ``layout``, ``source`` is a local ``.jsonl`` / ``.json`` (``.gz`` allowed) in the canonical reward
+    (``prompt, responses, rewards``) or pairwise (``prompt, chosen, rejected``) schema, read as is. With a layout (a
+    key of :data:`LAYOUTS`, or ``"auto"``), the data goes through :func:`load_reward_dataset` /
+    :func:`load_preference_dataset` (hub ids, UltraFeedback, UltraInteract, HH-RLHF, ...), which return the same
+    schemas. ``data_kind="auto"`` keeps the layout's own kind; ``max_samples`` keeps the first N prompts.
     """
-    if strategy not in PAIR_STRATEGIES:
-        raise ValueError(f"strategy must be one of {PAIR_STRATEGIES}, got {strategy!r}")
-    if _canonical_kind(ds) != "reward":
-        raise ValueError(f"rewards_to_pairs needs a reward dataset, got columns {ds.column_names}")
-    report = LoadReport(source="<reward dataset>", layout=f"pairs:{strategy}")
-    out = []
-    for index, row in enumerate(ds):
-        report.rows_in += 1
-        rewards, responses = row["rewards"], row["responses"]
-        if len(rewards) != len(responses):
-            raise ValueError(f"row {index}: {len(responses)} responses but {len(rewards)} rewards")
-        rid = row.get("id") or str(index)
-        if len(set(rewards)) <= 1:
-            report.skip("all_tied", rid)
-            continue
-        b = _best_index(rewards)
-        if strategy == "all_pairs":
-            ij = [(i, j) for i in range(len(rewards)) for j in range(len(rewards)) if rewards[i] > rewards[j]]
-            ties = sum(rewards[i] == rewards[j] for i in range(len(rewards)) for j in range(i + 1, len(rewards)))
-        else:
-            lower = [j for j in range(len(rewards)) if rewards[j] < rewards[b]]
-            ties = sum(rewards[j] == rewards[b] for j in range(len(rewards)) if j != b)
-            if strategy == "zephyr":  # `lower` is not empty: the rewards do not all tie
-                lower = [lower[int(np.random.default_rng([seed, index]).integers(len(lower)))]]
-            ij = [(b, j) for j in lower]
-        if ties:
-            report.skip("tied_pairs", rid, ties)
-        for i, j in ij:
-            out.append({"prompt": row["prompt"], "chosen": responses[i], "rejected": responses[j],
-                        "score_chosen": rewards[i], "score_rejected": rewards[j], "id": f"{rid}:{i}>{j}",
-                        "source": row.get("source")})
-    ds_out = _from_rows(out, PREFERENCE_FEATURES)
-    report.rows_out = len(ds_out)
-    return (ds_out, report) if return_report else ds_out
-
-
-def pairs_to_rewards(ds: datasets.Dataset, *, rewards: Literal["auto", "scores", "binary"] = "auto",
-                     return_report: bool = False):
-    """Preference dataset -> reward dataset with K = 2 (``responses = [chosen, rejected]``).
-
-    ``rewards="scores"`` uses ``[score_chosen, score_rejected]`` (every row must have both; a missing score is a
-    ``ValueError``); ``"binary"`` uses ``[1.0, 0.0]``, the preference label itself; ``"auto"`` uses the scores if
-    every row has both, else the binary labels (mixing the two scales within one dataset is never done).
-    A pair whose scores tie keeps them: InfoNCA's soft labels are then 1/2 each, i.e. no preference.
-    """
-    if _canonical_kind(ds) != "pairwise":
-        raise ValueError(f"pairs_to_rewards needs a preference dataset, got columns {ds.column_names}")
-    if rewards not in ("auto", "scores", "binary"):
-        raise ValueError(f"rewards must be 'auto', 'scores' or 'binary', got {rewards!r}")
-    has_cols = {"score_chosen", "score_rejected"} <= set(ds.column_names)
-    if rewards != "binary":
-        scored = has_cols and all(c is not None and s is not None
-                                  for c, s in zip(ds["score_chosen"], ds["score_rejected"]))
-        if rewards == "scores" and not scored:
-            raise ValueError("rewards='scores' but some rows have no score_chosen / score_rejected; "
-                             "use rewards='binary' for (1, 0) labels")
-        rewards = "scores" if scored else "binary"
-    report = LoadReport(source="<preference dataset>", layout=f"rewards:{rewards}")
-    out = []
-    for index, row in enumerate(ds):
-        report.rows_in += 1
-        r = [row["score_chosen"], row["score_rejected"]] if rewards == "scores" else [1.0, 0.0]
-        if r[0] == r[1]:
-            report.note("tied_scores", row.get("id") or str(index))
-        elif r[0] < r[1]:
-            report.note("score_contradicts_label", row.get("id") or str(index))
-        out.append({"prompt": row["prompt"], "responses": [row["chosen"], row["rejected"]], "rewards": r,
-                    "id": row.get("id") or str(index), "source": row.get("source")})
-    ds_out = _from_rows(out, REWARD_FEATURES)
-    report.rows_out = len(ds_out)
-    return (ds_out, report) if return_report else ds_out
-
-
-def subsample_responses(ds: datasets.Dataset, k: int, *, seed: int = 0, return_report: bool = False):
-    """The K ablation of the paper's Fig. 4: keep ``k`` responses per prompt, the best one always among them.
-
-    Each prompt keeps its best response (the first maximum) and ``k - 1`` of the others drawn without replacement
-    with ``numpy.random.default_rng([seed, row_index])``; kept responses stay in their original order. Prompts with
-    ``k`` or fewer responses are kept whole (``report.notes["fewer_than_k"]`` counts those with fewer).
-    """
-    if not isinstance(k, int) or k < 2:
-        raise ValueError(f"k must be an integer >= 2, got {k!r}")
-    if _canonical_kind(ds) != "reward":
-        raise ValueError(f"subsample_responses needs a reward dataset, got columns {ds.column_names}")
-    report = LoadReport(source="<reward dataset>", layout=f"subsample:k={k}")
-    out = []
-    for index, row in enumerate(ds):
-        report.rows_in += 1
-        rewards = row["rewards"]
-        if len(rewards) < k:
-            report.note("fewer_than_k", row.get("id") or str(index))
-        if len(rewards) <= k:
-            out.append(dict(row))
-            continue
-        b = _best_index(rewards)
-        others = [j for j in range(len(rewards)) if j != b]
-        picked = np.random.default_rng([seed, index]).choice(others, size=k - 1, replace=False)
-        keep = sorted([b, *(int(j) for j in picked)])
-        out.append({**row, "responses": [row["responses"][j] for j in keep], "rewards": [rewards[j] for j in keep]})
-    ds_out = _from_rows(out, REWARD_FEATURES)
-    report.rows_out = len(ds_out)
-    return (ds_out, report) if return_report else ds_out
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Summary
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def summarize(ds: datasets.Dataset) -> dict:
-    """Small statistics of a canonical dataset, for notebooks (``pandas.Series(summarize(ds))`` prints nicely).
-
-    Reward dataset: ``n_prompts``, ``n_responses``, ``k_counts`` ({K: prompts}), ``reward_mean`` / ``reward_std``
-    (over all responses), ``reward_min`` / ``reward_max``, ``frac_strict_best`` (prompts whose maximum reward is
-    held by one response), ``frac_all_tied`` and ``best_gap_mean`` (best minus second-best reward, averaged).
-    Preference dataset: ``n_pairs``, ``n_prompts`` (distinct prompts), ``frac_scored``, ``score_gap_mean``
-    (chosen minus rejected, over scored pairs), ``frac_identical`` and mean completion lengths in characters.
-    """
-    kind = _canonical_kind(ds)
-    turns = [len(p) for p in ds["prompt"]]
-    if kind == "reward":
-        rewards = [list(r) for r in ds["rewards"]]
-        flat = np.array([x for r in rewards for x in r], dtype=float)
-        ks = Counter(len(r) for r in rewards)
-        strict = [len(r) > 0 and sum(x == max(r) for x in r) == 1 for r in rewards]
-        gaps = [sorted(r)[-1] - sorted(r)[-2] for r in rewards if len(r) >= 2]
-        return {
-            "kind": "reward",
-            "n_prompts": len(rewards),
-            "n_responses": int(flat.size),
-            "k_counts": dict(sorted(ks.items())),
-            "reward_mean": float(flat.mean()) if flat.size else float("nan"),
-            "reward_std": float(flat.std()) if flat.size else float("nan"),
-            "reward_min": float(flat.min()) if flat.size else float("nan"),
-            "reward_max": float(flat.max()) if flat.size else float("nan"),
-            "frac_strict_best": float(np.mean(strict)) if strict else float("nan"),
-            "frac_all_tied": float(np.mean([len(set(r)) <= 1 for r in rewards])) if rewards else float("nan"),
-            "best_gap_mean": float(np.mean(gaps)) if gaps else float("nan"),
-            "prompt_turns_mean": float(np.mean(turns)) if turns else float("nan"),
-        }
-    chosen, rejected = ds["chosen"], ds["rejected"]
-    sc = ds["score_chosen"] if "score_chosen" in ds.column_names else [None] * len(ds)
-    sr = ds["score_rejected"] if "score_rejected" in ds.column_names else [None] * len(ds)
-    gaps = [c - r for c, r in zip(sc, sr) if c is not None and r is not None]
-    prompts = {json.dumps(p, sort_keys=True) for p in ds["prompt"]}
-    return {
-        "kind": "pairwise",
-        "n_pairs": len(ds),
-        "n_prompts": len(prompts),
-        "frac_scored": len(gaps) / len(ds) if len(ds) else float("nan"),
-        "score_gap_mean": float(np.mean(gaps)) if gaps else float("nan"),
-        "frac_identical": float(np.mean([c == r for c, r in zip(chosen, rejected)])) if len(ds) else float("nan"),
-        "chosen_chars_mean": float(np.mean([len(c) for c in chosen])) if len(ds) else float("nan"),
-        "rejected_chars_mean": float(np.mean([len(r) for r in rejected])) if len(ds) else float("nan"),
-        "prompt_turns_mean": float(np.mean(turns)) if turns else float("nan"),
-    }
+    if data_kind not in DATA_KINDS:
+        raise ValueError(f"data_kind must be one of {DATA_KINDS}, got {data_kind!r}")
+    if layout:
+        if layout not in LAYOUTS and layout != "auto":
+            raise ValueError(f"unknown dataset_layout {layout!r}; known: {', '.join(LAYOUTS)}")
+        kind = data_kind
+        if kind == "auto":
+            kind = LAYOUTS[layout].kind if layout in LAYOUTS else "reward"
+        load = load_reward_dataset if kind == "reward" else load_preference_dataset
+        dataset = load(source, layout=layout, split=split)
+    else:
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"dataset file {source!r} does not exist")
+        dataset = datasets.load_dataset("json", data_files=str(source), split="train")
+        found = canonical_kind(dataset)
+        kind = found if data_kind == "auto" else data_kind
+        if kind != found:
+            raise ValueError(f"data_kind={data_kind!r} but {source} holds {found} data")
+    if max_samples is not None:
+        dataset = dataset.select(range(min(max_samples, len(dataset))))
+    return dataset, kind
