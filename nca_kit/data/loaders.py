@@ -696,7 +696,8 @@ def load_reward_dataset(
     Args:
         source: hub id (e.g. ``"openbmb/UltraFeedback"``, read with ``datasets.load_dataset``), local ``.jsonl`` /
             ``.json`` / ``.parquet`` file (optionally ``.gz``) or ``save_to_disk`` folder, ``Dataset``,
-            ``DatasetDict`` or list of dicts.
+            ``DatasetDict`` or list of dicts. Files are read one record at a time (memory stays flat); a line that
+            cannot be read raises :class:`~nca_kit.data.DataFileError` naming the file and the line.
         layout: a key of :data:`LAYOUTS`, or ``"auto"`` to detect it from the columns (:func:`detect_layout`).
         split: split to read from a hub id or a ``DatasetDict`` (UltraFeedback: ``"train"``; the NCA authors' data
             and ultrafeedback_binarized: ``"train_prefs"`` / ``"test_prefs"``).
@@ -711,7 +712,7 @@ def load_reward_dataset(
         return_report: also return the :class:`LoadReport` (it is logged either way).
 
     Returns:
-        A ``Dataset`` with :data:`REWARD_FEATURES`, or ``(dataset, report)``.
+        A ``Dataset`` with :data:`REWARD_FEATURES` (backed by an Arrow file on disk), or ``(dataset, report)``.
     """
     columns, first, rows, label = _read_rows(source, split, name, data_dir)
     layout = _check_layout(layout, columns, first)
