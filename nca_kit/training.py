@@ -53,7 +53,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from nca_kit.data import canonical_kind, load_training_dataset
+from nca_kit.data import load_training_dataset
 from nca_kit.data.loaders import DATA_KINDS
 from nca_kit.logps import (
     RewardCollator,
@@ -111,6 +111,7 @@ class TrainConfig:
     dataset_split: str = "train_prefs"  # split read from a hub dataset
     data_kind: str = "auto"  # "reward" / "pairwise"; auto: from the layout or the file's columns
     max_train_samples: int | None = None  # keep only the first N prompts (smoke runs); None = all
+    on_invalid: str = "raise"  # an invalid data row: "raise" (named, before training) or "skip" (dropped, counted)
     max_prompt_length: int = 512  # App. C / DPO recipe: prompt keeps its last 512 tokens
     max_length: int = 1024  # App. C / DPO recipe: prompt + response <= 1024 tokens
     overflow: str = "error"  # a prompt leaving no room for a response: "error" or "skip" (counted, warned)
@@ -160,6 +161,12 @@ class TrainConfig:
         for name in ("batch_size", "per_device_batch_size", "max_prompt_length", "max_length", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.on_invalid not in ("raise", "skip"):
+            raise ValueError(f"on_invalid must be 'raise' or 'skip', got {self.on_invalid!r}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be >= 1, or -1 to train num_train_epochs, got {self.max_steps!r}")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(f"max_train_samples must be >= 1, or None for all prompts, got {self.max_train_samples!r}")
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
         if not (0 <= self.warmup_ratio < 1):
@@ -294,18 +301,15 @@ def _coerce(name: str, value: Any, hint) -> Any:
 def prepare_data(config: TrainConfig, dataset=None):
     """``(dataset, kind)``: the training set in a canonical schema and ``"reward"`` or ``"pairwise"``.
 
-    A passed ``dataset`` (notebooks, tests) must already be canonical; otherwise ``config.dataset`` is read by
-    :func:`nca_kit.data.load_training_dataset` (``dataset_layout``, ``dataset_split``, ``data_kind``). Either way
-    ``max_train_samples`` keeps the first N prompts and the loss must suit the kind of data.
+    A passed ``dataset`` (notebooks, tests) must be canonical; otherwise ``config.dataset`` is read
+    (``dataset_layout``, ``dataset_split``, ``data_kind``). Either way :func:`nca_kit.data.load_training_dataset`
+    checks every row first (``on_invalid``), ``max_train_samples`` keeps the first N prompts and the loss must suit
+    the kind of data.
     """
-    if dataset is None:
-        dataset, kind = load_training_dataset(config.dataset, layout=config.dataset_layout,
-                                              split=config.dataset_split, data_kind=config.data_kind,
-                                              max_samples=config.max_train_samples)
-    else:
-        kind = canonical_kind(dataset)
-        if config.max_train_samples is not None:
-            dataset = dataset.select(range(min(config.max_train_samples, len(dataset))))
+    layout = config.dataset_layout if dataset is None else None
+    dataset, kind = load_training_dataset(config.dataset if dataset is None else dataset, layout=layout,
+                                          split=config.dataset_split, data_kind=config.data_kind,
+                                          max_samples=config.max_train_samples, on_invalid=config.on_invalid)
     check_loss_type(config.loss_type, kind)
     return dataset, kind
 

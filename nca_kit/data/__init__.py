@@ -18,6 +18,8 @@ own layout; this package turns each one into one of two canonical ``datasets.Dat
 :class:`LoadReport` (logged through :mod:`logging`, returned with ``return_report=True``). In a reward row an
 invalid *response* (empty text, missing or NaN reward) drops that response only; the prompt survives while at least
 ``min_responses`` responses remain. Ties are kept in reward data and never paired (see :mod:`nca_kit.data.convert`).
+:func:`load_training_dataset` applies these checks to every way into training. A file that cannot be read at all
+raises :class:`DataFileError`, one line naming the file, the line and what to do.
 """
 
 from nca_kit.data.convert import PAIR_STRATEGIES, pairs_to_rewards, rewards_to_pairs, subsample_responses, summarize
@@ -37,6 +39,7 @@ from nca_kit.data.schema import (
     PREFERENCE_FEATURES,
     REWARD_FEATURES,
     SKIP_REASONS,
+    DataFileError,
     InvalidRecordError,
     LoadReport,
     Message,
@@ -64,6 +67,7 @@ __all__ = [
     "ULTRAFEEDBACK_SCORES",
     "LoadReport",
     "InvalidRecordError",
+    "DataFileError",
     "as_messages",
     "as_reward_row",
     "canonical_kind",

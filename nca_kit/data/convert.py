@@ -52,7 +52,12 @@ def rewards_to_pairs(ds: datasets.Dataset, strategy: str = "zephyr", *, seed: in
     if canonical_kind(ds) != "reward":
         raise ValueError(f"rewards_to_pairs needs a reward dataset, got columns {ds.column_names}")
     report = LoadReport(source="<reward dataset>", layout=f"pairs:{strategy}")
-    out = []
+    ds_out = _from_rows(_pairs_of(ds, strategy, seed, report), PREFERENCE_FEATURES)
+    report.rows_out = len(ds_out)
+    return (ds_out, report) if return_report else ds_out
+
+
+def _pairs_of(ds, strategy: str, seed: int, report: LoadReport):
     for index, row in enumerate(ds):
         report.rows_in += 1
         rewards, responses = row["rewards"], row["responses"]
@@ -75,12 +80,9 @@ def rewards_to_pairs(ds: datasets.Dataset, strategy: str = "zephyr", *, seed: in
         if ties:
             report.skip("tied_pairs", rid, ties)
         for i, j in ij:
-            out.append({"prompt": row["prompt"], "chosen": responses[i], "rejected": responses[j],
-                        "score_chosen": rewards[i], "score_rejected": rewards[j], "id": f"{rid}:{i}>{j}",
-                        "source": row.get("source")})
-    ds_out = _from_rows(out, PREFERENCE_FEATURES)
-    report.rows_out = len(ds_out)
-    return (ds_out, report) if return_report else ds_out
+            yield {"prompt": row["prompt"], "chosen": responses[i], "rejected": responses[j],
+                   "score_chosen": rewards[i], "score_rejected": rewards[j], "id": f"{rid}:{i}>{j}",
+                   "source": row.get("source")}
 
 
 def pairs_to_rewards(ds: datasets.Dataset, *, rewards: Literal["auto", "scores", "binary"] = "auto",
@@ -99,23 +101,26 @@ def pairs_to_rewards(ds: datasets.Dataset, *, rewards: Literal["auto", "scores",
     has_cols = {"score_chosen", "score_rejected"} <= set(ds.column_names)
     if rewards != "binary":
         scored = has_cols and all(c is not None and s is not None
-                                  for c, s in zip(ds["score_chosen"], ds["score_rejected"]))
+                                  for batch in ds.select_columns(["score_chosen", "score_rejected"]).iter(1024)
+                                  for c, s in zip(batch["score_chosen"], batch["score_rejected"]))
         if rewards == "scores" and not scored:
             raise ValueError("rewards='scores' but some rows have no score_chosen / score_rejected; "
                              "use rewards='binary' for (1, 0) labels")
         rewards = "scores" if scored else "binary"
     report = LoadReport(source="<preference dataset>", layout=f"rewards:{rewards}")
-    out = []
-    for index, row in enumerate(ds):
-        report.rows_in += 1
-        r = [row["score_chosen"], row["score_rejected"]] if rewards == "scores" else [1.0, 0.0]
-        if r[0] == r[1]:
-            report.note("tied_scores", row.get("id") or str(index))
-        elif r[0] < r[1]:
-            report.note("score_contradicts_label", row.get("id") or str(index))
-        out.append({"prompt": row["prompt"], "responses": [row["chosen"], row["rejected"]], "rewards": r,
-                    "id": row.get("id") or str(index), "source": row.get("source")})
-    ds_out = _from_rows(out, REWARD_FEATURES)
+
+    def rows():
+        for index, row in enumerate(ds):
+            report.rows_in += 1
+            r = [row["score_chosen"], row["score_rejected"]] if rewards == "scores" else [1.0, 0.0]
+            if r[0] == r[1]:
+                report.note("tied_scores", row.get("id") or str(index))
+            elif r[0] < r[1]:
+                report.note("score_contradicts_label", row.get("id") or str(index))
+            yield {"prompt": row["prompt"], "responses": [row["chosen"], row["rejected"]], "rewards": r,
+                   "id": row.get("id") or str(index), "source": row.get("source")}
+
+    ds_out = _from_rows(rows(), REWARD_FEATURES)
     report.rows_out = len(ds_out)
     return (ds_out, report) if return_report else ds_out
 
@@ -132,21 +137,23 @@ def subsample_responses(ds: datasets.Dataset, k: int, *, seed: int = 0, return_r
     if canonical_kind(ds) != "reward":
         raise ValueError(f"subsample_responses needs a reward dataset, got columns {ds.column_names}")
     report = LoadReport(source="<reward dataset>", layout=f"subsample:k={k}")
-    out = []
-    for index, row in enumerate(ds):
-        report.rows_in += 1
-        rewards = row["rewards"]
-        if len(rewards) < k:
-            report.note("fewer_than_k", row.get("id") or str(index))
-        if len(rewards) <= k:
-            out.append(dict(row))
-            continue
-        b = _best_index(rewards)
-        others = [j for j in range(len(rewards)) if j != b]
-        picked = np.random.default_rng([seed, index]).choice(others, size=k - 1, replace=False)
-        keep = sorted([b, *(int(j) for j in picked)])
-        out.append({**row, "responses": [row["responses"][j] for j in keep], "rewards": [rewards[j] for j in keep]})
-    ds_out = _from_rows(out, REWARD_FEATURES)
+
+    def rows():
+        for index, row in enumerate(ds):
+            report.rows_in += 1
+            rewards = row["rewards"]
+            if len(rewards) < k:
+                report.note("fewer_than_k", row.get("id") or str(index))
+            if len(rewards) <= k:
+                yield dict(row)
+                continue
+            b = _best_index(rewards)
+            others = [j for j in range(len(rewards)) if j != b]
+            picked = np.random.default_rng([seed, index]).choice(others, size=k - 1, replace=False)
+            keep = sorted([b, *(int(j) for j in picked)])
+            yield {**row, "responses": [row["responses"][j] for j in keep], "rewards": [rewards[j] for j in keep]}
+
+    ds_out = _from_rows(rows(), REWARD_FEATURES)
     report.rows_out = len(ds_out)
     return (ds_out, report) if return_report else ds_out
 

@@ -14,13 +14,16 @@ in ``_REWARD_READERS`` or ``_PAIR_READERS`` that yields canonical dicts through 
 
 from __future__ import annotations
 
+import codecs
 import gzip
+import itertools
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import datasets
 
@@ -28,6 +31,7 @@ from nca_kit.data.convert import pairs_to_rewards, rewards_to_pairs
 from nca_kit.data.schema import (
     PREFERENCE_FEATURES,
     REWARD_FEATURES,
+    DataFileError,
     LoadReport,
     Message,
     OnInvalid,
@@ -35,6 +39,7 @@ from nca_kit.data.schema import (
     _parse_reward,
     _Policy,
     _prompt_problem,
+    _response_problem,
     as_messages,
     canonical_kind,
 )
@@ -128,53 +133,125 @@ def _check_layout(layout: str, columns: Sequence[str], first_row: Mapping | None
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
-def _read_rows(source, split: str, name: str | None, data_dir: str | None) -> tuple[list[str], Iterable[dict], str]:
-    """``(columns, rows, label)`` from a Dataset, DatasetDict, list of dicts, local file or hub id."""
+def _read_rows(source, split: str, name: str | None, data_dir: str | None):
+    """``(columns, first_row, rows, label)`` from a Dataset, DatasetDict, list of dicts, local file or hub id.
+
+    ``rows`` is an iterator over every row (``first_row`` included): files are read one record at a time, so memory
+    does not grow with the file. The columns of a file are those of its first record.
+    """
     if isinstance(source, datasets.DatasetDict):
         if split not in source:
             raise ValueError(f"split {split!r} not in the DatasetDict (splits: {list(source)})")
         source = source[split]
     if isinstance(source, datasets.Dataset):
-        return list(source.column_names), source, "<Dataset>"
+        return list(source.column_names), (source[0] if len(source) else None), iter(source), "<Dataset>"
     if isinstance(source, (list, tuple)):
-        rows = list(source)
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        return columns, rows, "<rows>"
+        for i, row in enumerate(source):
+            if not isinstance(row, Mapping):
+                raise ValueError(f"rows[{i}] is a {type(row).__name__}; every row must be a dict (one record)")
+        columns = list(dict.fromkeys(k for row in source for k in row))
+        return columns, (source[0] if source else None), iter(source), "<rows>"
     if not isinstance(source, (str, os.PathLike)):
         raise ValueError(f"cannot read data from a {type(source).__name__}")
     path = Path(source).expanduser()
     if path.exists():
         if path.is_dir():
             loaded = datasets.load_from_disk(str(path))
-            return _read_rows(loaded, split, name, data_dir)[:2] + (str(source),)
+            return _read_rows(loaded, split, name, data_dir)[:3] + (str(source),)
         rows = _read_file(path)
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        return columns, rows, str(source)
+        first = next(rows, None)
+        if first is None:
+            raise DataFileError(f"{path}: the file holds no records")
+        return list(first), first, itertools.chain([first], rows), str(source)
     if isinstance(source, str) and _HUB_ID.fullmatch(source):
         ds = datasets.load_dataset(source, name=name, data_dir=data_dir, split=split)
-        return list(ds.column_names), ds, f"{source}[{split}]"
+        return list(ds.column_names), (ds[0] if len(ds) else None), iter(ds), f"{source}[{split}]"
     raise FileNotFoundError(f"{source!r} is neither an existing file or folder nor a hub id of the form owner/name")
 
 
-def _read_file(path: Path) -> list[dict]:
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _read_file(path: Path) -> Iterator[dict]:
+    """The records of a local file, one at a time; :class:`DataFileError` (file, line, what to do) on bad input.
+
+    JSON Lines and Parquet are streamed; a JSON array (a file whose first character is ``[``) is parsed whole.
+    A UTF-8 byte order mark at the start of the file is skipped.
+    """
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+        return
     base = suffixes[:-1] if suffixes and suffixes[-1] == ".gz" else suffixes
     if not base or base[-1] not in (".jsonl", ".json"):
         raise ValueError(f"unsupported file type {''.join(suffixes)!r} for {path}; use .jsonl, .json or .parquet")
     opener = gzip.open if suffixes[-1] == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        rows = json.loads(text)
-    else:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    if not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{path}: every record must be a JSON object")
-    return rows
+    line_no, n_records = 0, 0
+    try:
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                text = _decode_line(raw, path, line_no)
+                if not text.strip():
+                    continue
+                if not n_records and text.lstrip().startswith("["):  # one JSON array, not JSON Lines
+                    rest = b"".join(f)
+                    yield from _records_of_array(text + _decode_line(rest, path, line_no + 1), path, line_no)
+                    return
+                n_records += 1
+                yield _parse_record(text, path, line_no)
+    except EOFError:
+        raise DataFileError(f"{path}: the gzip stream ends early, after line {line_no} (a truncated file or "
+                            "download); copy or compress the file again") from None
+    except (gzip.BadGzipFile, zlib.error) as err:
+        raise DataFileError(f"{path}, line {line_no + 1}: not valid gzip data ({err}); check the file, or drop the "
+                            ".gz suffix if it is not compressed") from None
+
+
+def _decode_line(raw: bytes, path: Path, line_no: int) -> str:
+    if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = line_no + raw[: err.start].count(b"\n")
+        raise DataFileError(f"{path}, line {line}: byte 0x{raw[err.start]:02x} is not UTF-8 (the file is in another "
+                            "encoding, e.g. latin-1); convert it to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _parse_record(text: str, path: Path, line_no: int) -> dict:
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataFileError(f"{path}, line {line_no}, column {err.colno}: invalid JSON ({err.msg}); fix or remove "
+                            "that line (JSON Lines: one complete object per line)") from None
+    _check_record(record, text, path, line_no)
+    return record
+
+
+def _records_of_array(text: str, path: Path, first_line: int) -> Iterator[dict]:
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataFileError(f"{path}, line {first_line + err.lineno - 1}, column {err.colno}: invalid JSON "
+                            f"({err.msg}); fix the file") from None
+    for record in records:
+        _check_record(record, None, path, first_line)
+        yield record
+
+
+def _check_record(record, text: str | None, path: Path, line_no: int) -> None:
+    if not isinstance(record, dict):
+        raise DataFileError(f"{path}, line {line_no}: a record must be a JSON object, got a "
+                            f"{type(record).__name__}; write one object {{...}} per line")
+    if text is None or _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise DataFileError(f"{path}, line {line_no}: the escape \\u{ord(err.object[err.start]):04x} is half of "
+                                "a UTF-16 surrogate pair, not text; fix or remove that escape") from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -282,15 +359,23 @@ def _build_reward(prompt, responses: Sequence, rewards: Sequence, where: str, so
     if reason:
         policy.invalid(reason, where)
         return None
-    kept_y, kept_r = [], []
+    kept_y, kept_r, seen = [], [], {}
     for i, (y, r) in enumerate(zip(responses, rewards)):
-        if not isinstance(y, str) or not y.strip():
-            policy.invalid("empty_response", f"{where}[{i}]")
+        reason = _response_problem(y)
+        if reason:
+            policy.invalid(reason, f"{where}[{i}]", f"got {type(y).__name__}" if reason == "wrong_type" else "")
             continue
         value, reason = _parse_reward(r)
         if reason:
             policy.invalid(reason, f"{where}[{i}]", f"reward {r!r}")
             continue
+        if y in seen:
+            j = seen[y]
+            if kept_r[j] != value:
+                policy.invalid("duplicate_response", f"{where}[{i}]", f"reward {value} vs {kept_r[j]} for the same text")
+                continue
+            policy.report.note("repeated_response", f"{where}[{i}]")
+        seen.setdefault(y, len(kept_y))
         kept_y.append(y)
         kept_r.append(value)
     if len(kept_y) < min_responses:
@@ -306,8 +391,9 @@ def _build_pair(prompt, chosen, rejected, score_chosen, score_rejected, where: s
         policy.invalid(reason, where)
         return None
     for name, text in (("chosen", chosen), ("rejected", rejected)):
-        if not isinstance(text, str) or not text.strip():
-            policy.invalid("empty_response", f"{where}.{name}")
+        reason = _response_problem(text)
+        if reason:
+            policy.invalid(reason, f"{where}.{name}", f"got {type(text).__name__}" if reason == "wrong_type" else "")
             return None
     if chosen == rejected:
         policy.invalid("identical_pair", where)
@@ -357,18 +443,22 @@ def _reward_rows_ultrafeedback(rows, policy, report, *, score, min_responses, **
         instruction = row.get("instruction")
         prompt = as_messages(instruction) if isinstance(instruction, str) else []
         completions = row.get("completions") or []
+        if not isinstance(completions, list) or not all(isinstance(c, Mapping) for c in completions):
+            policy.invalid("wrong_type", where, "completions must be a list of objects")
+            yield None
+            continue
         responses = [c.get("response") for c in completions]
         rewards = [_ultrafeedback_score(c, score) for c in completions]
         yield _build_reward(prompt, responses, rewards, where, row.get("source") or "openbmb/UltraFeedback", policy,
                             min_responses)
 
 
-def _reward_rows_nca(rows, policy, report, *, columns, min_responses, **_) -> Iterable[dict]:
-    k = 0
-    while f"A{k}" in columns:
-        k += 1
+def _reward_rows_nca(rows, policy, report, *, min_responses, **_) -> Iterable[dict]:
     for index, row in enumerate(rows):
         where = _row_id(row, index, "id", "prompt_id")
+        k = 0
+        while f"A{k}" in row or f"score_A{k}" in row:
+            k += 1
         yield _nca_row(row, k, where, policy, min_responses)
 
 
@@ -408,7 +498,13 @@ def _reward_rows_canonical(rows, policy, report, *, min_responses, **_) -> Itera
             prompt = as_messages(row.get("prompt"))
         except ValueError:
             prompt = []
-        responses, rewards = list(row.get("responses") or []), list(row.get("rewards") or [])
+        responses, rewards = row.get("responses"), row.get("rewards")
+        wrong = [f"{name} is {type(v).__name__}" for name, v in (("responses", responses), ("rewards", rewards))
+                 if not isinstance(v, (list, tuple))]
+        if wrong:
+            policy.invalid("wrong_type", where, ", ".join(wrong) + "; lists expected")
+            yield None
+            continue
         if len(responses) != len(rewards):
             policy.invalid("length_mismatch", where, f"{len(responses)} responses, {len(rewards)} rewards")
             yield None
@@ -437,6 +533,9 @@ def _pair_rows_explicit(rows, policy, report, *, layout, require_scores, **_) ->
             tails = (chosen, rejected)
         texts = []
         for name, tail in zip(("chosen", "rejected"), tails):
+            if not isinstance(tail, (str, list, tuple)):
+                policy.invalid("wrong_type", f"{where}.{name}", f"got {type(tail).__name__}, not text or messages")
+                break
             text, n_turns = _completion_text(prompt, tail)
             if text is None:
                 policy.invalid("malformed_conversation", f"{where}.{name}", "not assistant turn(s) after the prompt")
@@ -522,8 +621,17 @@ _PAIR_READERS = {
 }
 
 
-def _peek(rows) -> Mapping | None:
-    return rows[0] if len(rows) else None
+def _check_min_responses(min_responses) -> None:
+    if isinstance(min_responses, bool) or not isinstance(min_responses, int) or min_responses < 1:
+        raise ValueError(f"min_responses must be an integer >= 1, got {min_responses!r}")
+
+
+def _counted(records: Iterable[dict | None], report: LoadReport) -> Iterator[dict]:
+    """The valid records, counting every row read in ``report.rows_in``."""
+    for rec in records:
+        report.rows_in += 1
+        if rec is not None:
+            yield rec
 
 
 def _load_rewards(columns, rows, label, layout, *, score, on_invalid, min_responses, pair_rewards):
@@ -535,15 +643,11 @@ def _load_rewards(columns, rows, label, layout, *, score, on_invalid, min_respon
                                     require_scores=use == "scores")
         ds, conv = pairs_to_rewards(pairs, rewards=use, return_report=True)
         return ds, report.merge(conv)
+    _check_min_responses(min_responses)
     report = LoadReport(source=label, layout=layout)
     policy = _Policy(on_invalid, report)
-    out = []
-    for rec in _REWARD_READERS[layout](rows, policy, report, columns=columns, score=score,
-                                       min_responses=min_responses):
-        report.rows_in += 1
-        if rec is not None:
-            out.append(rec)
-    ds = _from_rows(out, REWARD_FEATURES)
+    records = _REWARD_READERS[layout](rows, policy, report, score=score, min_responses=min_responses)
+    ds = _from_rows(_counted(records, report), REWARD_FEATURES)
     report.rows_out = len(ds)
     return ds, report
 
@@ -558,12 +662,8 @@ def _load_pairs(columns, rows, label, layout, *, on_invalid, require_scores=Fals
         return ds, report.merge(conv)
     report = LoadReport(source=label, layout=layout)
     policy = _Policy(on_invalid, report)
-    out = []
-    for rec in _PAIR_READERS[layout](rows, policy, report, layout=layout, require_scores=require_scores):
-        report.rows_in += 1
-        if rec is not None:
-            out.append(rec)
-    ds = _from_rows(out, PREFERENCE_FEATURES)
+    records = _PAIR_READERS[layout](rows, policy, report, layout=layout, require_scores=require_scores)
+    ds = _from_rows(_counted(records, report), PREFERENCE_FEATURES)
     report.rows_out = len(ds)
     return ds, report
 
@@ -596,7 +696,8 @@ def load_reward_dataset(
     Args:
         source: hub id (e.g. ``"openbmb/UltraFeedback"``, read with ``datasets.load_dataset``), local ``.jsonl`` /
             ``.json`` / ``.parquet`` file (optionally ``.gz``) or ``save_to_disk`` folder, ``Dataset``,
-            ``DatasetDict`` or list of dicts.
+            ``DatasetDict`` or list of dicts. Files are read one record at a time (memory stays flat); a line that
+            cannot be read raises :class:`~nca_kit.data.DataFileError` naming the file and the line.
         layout: a key of :data:`LAYOUTS`, or ``"auto"`` to detect it from the columns (:func:`detect_layout`).
         split: split to read from a hub id or a ``DatasetDict`` (UltraFeedback: ``"train"``; the NCA authors' data
             and ultrafeedback_binarized: ``"train_prefs"`` / ``"test_prefs"``).
@@ -611,10 +712,10 @@ def load_reward_dataset(
         return_report: also return the :class:`LoadReport` (it is logged either way).
 
     Returns:
-        A ``Dataset`` with :data:`REWARD_FEATURES`, or ``(dataset, report)``.
+        A ``Dataset`` with :data:`REWARD_FEATURES` (backed by an Arrow file on disk), or ``(dataset, report)``.
     """
-    columns, rows, label = _read_rows(source, split, name, data_dir)
-    layout = _check_layout(layout, columns, _peek(rows))
+    columns, first, rows, label = _read_rows(source, split, name, data_dir)
+    layout = _check_layout(layout, columns, first)
     ds, report = _load_rewards(columns, rows, label, layout, score=score, on_invalid=on_invalid,
                                min_responses=min_responses, pair_rewards=pair_rewards)
     return _finish(ds, report, return_report)
@@ -644,8 +745,8 @@ def load_preference_dataset(
     Returns:
         A ``Dataset`` with :data:`PREFERENCE_FEATURES`, or ``(dataset, report)`` with ``return_report=True``.
     """
-    columns, rows, label = _read_rows(source, split, name, data_dir)
-    layout = _check_layout(layout, columns, _peek(rows))
+    columns, first, rows, label = _read_rows(source, split, name, data_dir)
+    layout = _check_layout(layout, columns, first)
     ds, report = _load_pairs(columns, rows, label, layout, on_invalid=on_invalid, score=score,
                              min_responses=min_responses, strategy=strategy, seed=seed)
     return _finish(ds, report, return_report)
@@ -708,34 +809,44 @@ def load_hh_rlhf(
 DATA_KINDS = ("auto", "reward", "pairwise")
 
 
-def load_training_dataset(source: str, *, layout: str | None = None, split: str = "train", data_kind: str = "auto",
-                          max_samples: int | None = None) -> tuple[datasets.Dataset, str]:
-    """``(dataset, kind)``: a training set in a canonical schema and ``"reward"`` or ``"pairwise"``.
+def load_training_dataset(source, *, layout: str | None = None, split: str = "train", data_kind: str = "auto",
+                          max_samples: int | None = None, on_invalid: OnInvalid = "raise",
+                          min_responses: int = 2) -> tuple[datasets.Dataset, str]:
+    """``(dataset, kind)``: a validated training set in a canonical schema and ``"reward"`` or ``"pairwise"``.
 
-    Without ``layout``, ``source`` is a local ``.jsonl`` / ``.json`` (``.gz`` allowed) in the canonical reward
-    (``prompt, responses, rewards``) or pairwise (``prompt, chosen, rejected``) schema, read as is. With a layout (a
-    key of :data:`LAYOUTS`, or ``"auto"``), the data goes through :func:`load_reward_dataset` /
-    :func:`load_preference_dataset` (hub ids, UltraFeedback, UltraInteract, HH-RLHF, ...), which return the same
-    schemas. ``data_kind="auto"`` keeps the layout's own kind; ``max_samples`` keeps the first N prompts.
+    Every row is checked before anything trains (the rules of :func:`load_reward_dataset`): an invalid one raises
+    :class:`~nca_kit.data.InvalidRecordError` naming its id under ``on_invalid="raise"``, or is dropped and counted
+    (the report is logged) under ``"skip"``. Without ``layout``, ``source`` is an in-memory ``Dataset`` or a local
+    ``.jsonl`` / ``.json`` / ``.parquet`` file (``.gz`` allowed) in the canonical reward (``prompt, responses,
+    rewards``) or pairwise (``prompt, chosen, rejected``) schema. With a layout (a key of :data:`LAYOUTS`, or
+    ``"auto"``), the data goes through :func:`load_reward_dataset` / :func:`load_preference_dataset` (hub ids,
+    UltraFeedback, UltraInteract, HH-RLHF, ...). ``data_kind="auto"`` keeps the data's own kind; ``max_samples``
+    keeps the first N valid prompts. Raises ``ValueError`` when no valid row is left.
     """
     if data_kind not in DATA_KINDS:
         raise ValueError(f"data_kind must be one of {DATA_KINDS}, got {data_kind!r}")
+    if max_samples is not None and (isinstance(max_samples, bool) or max_samples < 1):
+        raise ValueError(f"max_train_samples must be >= 1 (or None for all rows), got {max_samples!r}")
     if layout:
         if layout not in LAYOUTS and layout != "auto":
             raise ValueError(f"unknown dataset_layout {layout!r}; known: {', '.join(LAYOUTS)}")
         kind = data_kind
         if kind == "auto":
             kind = LAYOUTS[layout].kind if layout in LAYOUTS else "reward"
-        load = load_reward_dataset if kind == "reward" else load_preference_dataset
-        dataset = load(source, layout=layout, split=split)
     else:
-        if not os.path.exists(source):
-            raise FileNotFoundError(f"dataset file {source!r} does not exist")
-        dataset = datasets.load_dataset("json", data_files=str(source), split="train")
-        found = canonical_kind(dataset)
+        if isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
+            raise FileNotFoundError(f"dataset file {str(source)!r} does not exist")
+        found = canonical_kind(_read_rows(source, split, None, None)[0])
         kind = found if data_kind == "auto" else data_kind
         if kind != found:
             raise ValueError(f"data_kind={data_kind!r} but {source} holds {found} data")
+        layout = "canonical_reward" if kind == "reward" else "trl_explicit"
+    load = load_reward_dataset if kind == "reward" else load_preference_dataset
+    dataset, report = load(source, layout=layout, split=split, on_invalid=on_invalid, min_responses=min_responses,
+                           return_report=True)
+    if len(dataset) == 0:
+        raise ValueError(f"no valid training rows in {report.source}: {report.rows_in} read, skipped "
+                         f"{dict(report.skipped)}")
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
     return dataset, kind

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Mapping, Sequence, TypedDict
@@ -76,12 +78,15 @@ class RewardRecord:
         if len(self.responses) != len(self.rewards):
             out.append("length_mismatch")
         for response in self.responses:
-            if not isinstance(response, str) or not response.strip():
-                out.append("empty_response")
+            reason = _response_problem(response)
+            if reason:
+                out.append(reason)
         for reward in self.rewards:
             value, reason = _parse_reward(reward)
             if reason:
                 out.append(reason)
+        if _contradicting_repeat(self.responses, self.rewards) is not None:
+            out.append("duplicate_response")
         if len(self.responses) < 1:
             out.append("too_few_responses")
         return out
@@ -125,8 +130,9 @@ class PreferenceRecord:
         if reason:
             out.append(reason)
         for text in (self.chosen, self.rejected):
-            if not isinstance(text, str) or not text.strip():
-                out.append("empty_response")
+            reason = _response_problem(text)
+            if reason:
+                out.append(reason)
         if isinstance(self.chosen, str) and self.chosen == self.rejected:
             out.append("identical_pair")
         for score in (self.score_chosen, self.score_rejected):
@@ -253,8 +259,9 @@ def _validate(ds: datasets.Dataset, kind: str) -> None:
 
 
 def canonical_kind(ds) -> str:
-    """``"reward"`` or ``"pairwise"`` from a dataset's columns; ``ValueError`` naming both schemas otherwise."""
-    cols = set(ds.column_names)
+    """``"reward"`` or ``"pairwise"`` from a dataset's columns (or a list of column names); ``ValueError`` naming
+    both schemas otherwise."""
+    cols = set(ds if isinstance(ds, (list, tuple, set)) else ds.column_names)
     if {"prompt", "responses", "rewards"} <= cols:
         return "reward"
     if {"prompt", "chosen", "rejected"} <= cols:
@@ -289,10 +296,21 @@ def as_reward_row(record: Mapping) -> dict:
     return {"prompt": row.prompt, "responses": row.responses, "rewards": [float(r) for r in row.rewards]}
 
 
-def _from_rows(rows: list[dict], features: datasets.Features) -> datasets.Dataset:
-    if not rows:
-        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
-    return datasets.Dataset.from_list(rows, features=features)
+def _from_rows(rows: Iterable[dict], features: datasets.Features) -> datasets.Dataset:
+    """Stream rows into an Arrow file and memory-map it: memory stays flat however many rows there are.
+
+    The file goes to ``datasets``' temporary cache folder (deleted when the Python session ends), like the results of
+    ``Dataset.map`` on an in-memory dataset; ``save_to_disk`` keeps a dataset for longer.
+    """
+    from datasets.arrow_writer import ArrowWriter
+    from datasets.fingerprint import get_temporary_cache_files_directory
+
+    path = os.path.join(get_temporary_cache_files_directory(), f"nca_kit-{uuid.uuid4().hex}.arrow")
+    with ArrowWriter(features=features, path=path) as writer:
+        for row in rows:
+            writer.write(row)
+        writer.finalize()
+    return datasets.Dataset.from_file(path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -309,6 +327,8 @@ SKIP_REASONS = {
     "inconsistent_prompt": "the K responses of a row were written for different prompts",
     "length_mismatch": "responses and rewards have different lengths",
     "empty_response": "a response is empty or blank",
+    "wrong_type": "a value has the wrong type: responses or rewards not a list, a response not a string",
+    "duplicate_response": "a response repeats an earlier one of the same prompt with a different reward",
     "missing_reward": "a reward or score is absent, null or 'N/A'",
     "nan_reward": "a reward or score is NaN or infinite",
     "unparseable_reward": "a reward or score is not a number",
@@ -320,6 +340,10 @@ SKIP_REASONS = {
 }
 
 _CONVERSION_REASONS = ("all_tied", "tied_pairs")
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be read as records; the message names the file, the line and what to do."""
 
 
 class InvalidRecordError(ValueError):
@@ -339,6 +363,8 @@ class LoadReport:
     ``skipped`` counts items left out (keys of :data:`SKIP_REASONS`); ``notes`` counts items kept but adjusted or
     worth a look: ``merged_consecutive_turns`` (an HH-RLHF row with consecutive turns of one role, joined with a
     blank line), ``merged_assistant_turns`` (a completion made of several assistant messages, joined likewise),
+    ``repeated_response`` (a response of a reward row that repeats an earlier one with the same reward, as K samples
+    of a policy may: kept, since both are draws of the data distribution),
     ``tied_scores`` / ``score_contradicts_label`` (:func:`pairs_to_rewards`) and ``fewer_than_k``
     (:func:`subsample_responses`).
     ``examples`` keeps the first few places per reason: the row id (the source's id, else its row number), with
@@ -435,6 +461,27 @@ def _prompt_problem(prompt) -> str | None:
         return "empty_prompt"
     if prompt[-1]["role"] == "assistant":
         return "malformed_conversation"
+    return None
+
+
+def _response_problem(response) -> str | None:
+    if not isinstance(response, str):
+        return "wrong_type"
+    if not response.strip():
+        return "empty_response"
+    return None
+
+
+def _contradicting_repeat(responses: Sequence, rewards: Sequence) -> int | None:
+    """Index of the first response that repeats an earlier one with a different reward, else None."""
+    seen = {}
+    for i, (y, r) in enumerate(zip(responses, rewards)):
+        if not isinstance(y, str):
+            continue
+        value = _parse_reward(r)[0]
+        if y in seen and seen[y] != value:
+            return i
+        seen.setdefault(y, value)
     return None
 
 
