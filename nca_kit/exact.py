@@ -130,8 +130,10 @@ def chi_square(hits: np.ndarray, counts: np.ndarray, probs: np.ndarray, min_expe
     """Pearson goodness-of-fit of observed outcomes against predicted probabilities.
 
     ``hits (G, C)`` are outcome counts of ``counts (G,)`` trials per group with predicted ``probs (G, C)``; a 1-D
-    ``hits``/``probs`` means binary outcomes (``C = 2``: hit or miss). Groups with an expected count below
-    ``min_expected`` in any cell are left out (the chi-square approximation needs it).
+    ``hits``/``probs`` means binary outcomes (``C = 2``: hit or miss). The chi-square approximation needs an
+    expected count of at least ``min_expected`` per cell, so within each group the cells below it are pooled into
+    one (and that one into the smallest other cell if it is still below); a group left with fewer than two cells
+    says nothing and is dropped. Each group adds (its cells − 1) degrees of freedom.
 
     Returns ``(statistic, degrees_of_freedom, p_value)``.
     """
@@ -139,11 +141,22 @@ def chi_square(hits: np.ndarray, counts: np.ndarray, probs: np.ndarray, min_expe
     if hits.ndim == 1:
         hits, probs = np.stack([hits, counts - hits], -1), np.stack([probs, 1.0 - probs], -1)
     expected = counts[:, None] * probs  # (G, C)
-    keep = (expected >= min_expected).all(axis=-1)
-    if not keep.any():
-        raise ValueError("no group has enough expected counts; draw more samples")
-    stat = float((((hits - expected) ** 2) / expected)[keep].sum())
-    dof = int(keep.sum()) * (hits.shape[-1] - 1)
+    stat, dof = 0.0, 0
+    for observed, predicted in zip(hits, expected):  # (C,), (C,) per group
+        small = predicted < min_expected
+        if small.any():
+            observed = np.append(observed[~small], observed[small].sum())
+            predicted = np.append(predicted[~small], predicted[small].sum())
+            if predicted[-1] < min_expected and len(predicted) > 1:
+                j = int(np.argmin(predicted[:-1]))
+                observed[j], predicted[j] = observed[j] + observed[-1], predicted[j] + predicted[-1]
+                observed, predicted = observed[:-1], predicted[:-1]
+        if len(predicted) < 2:
+            continue
+        stat += float(((observed - predicted) ** 2 / predicted).sum())
+        dof += len(predicted) - 1
+    if dof == 0:
+        raise ValueError("no group has two cells with enough expected counts; draw more samples")
     p_value = float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=DTYPE), torch.tensor(stat / 2, dtype=DTYPE)))
     return stat, dof, p_value
 
