@@ -174,7 +174,7 @@ def _tuple_index(n: int, k: int) -> torch.Tensor:
 def _tuples(world: ToyWorld, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All ``N^K`` ordered K-tuples of responses ``(T, K)`` and their probabilities under ``mu^K`` ``(T,)``."""
     idx = _tuple_index(world.n, k)  # (T, K)
-    weights = torch.as_tensor(world.mu, dtype=DTYPE)[idx].prod(dim=-1)  # (T,)
+    weights = torch.tensor(world.mu, dtype=DTYPE)[idx].prod(dim=-1)  # (T,)
     return idx, weights
 
 
@@ -186,7 +186,7 @@ def expected_reward_loss(world: ToyWorld, r_theta: torch.Tensor, *, k: int, alph
     :data:`nca_kit.losses.REWARD_LOSS_TYPES`. Returns a scalar with gradient.
     """
     idx, weights = _tuples(world, k)
-    rewards = torch.as_tensor(world.rewards, dtype=DTYPE)[idx]  # (T, K)
+    rewards = torch.tensor(world.rewards, dtype=DTYPE)[idx]  # (T, K)
     policy = r_theta[idx]  # (T, K)
     losses, _ = reward_loss(policy, torch.zeros_like(policy), rewards, alpha=alpha, beta=1.0, loss_type=loss_type)
     return (weights * losses).sum()
@@ -201,7 +201,7 @@ def expected_preference_loss(world: ToyWorld, r_theta: torch.Tensor, *, alpha: f
     For ``"dpo"`` this is also the reward-model loss of Eq. 2 with ``r_theta`` as the reward model.
     """
     idx, weights = _tuples(world, 2)
-    rewards = torch.as_tensor(world.rewards, dtype=DTYPE)[idx]  # (T, 2)
+    rewards = torch.tensor(world.rewards, dtype=DTYPE)[idx]  # (T, 2)
     diff = rewards[:, 0] - rewards[:, 1]  # (T,)
     p_first = torch.sigmoid(diff / alpha) if alpha > 0 else (torch.sign(diff) + 1) / 2  # (T,)
     first, second = r_theta[idx[:, 0]], r_theta[idx[:, 1]]  # (T,), (T,)
@@ -220,8 +220,8 @@ def nca_population_loss(world: ToyWorld, r_theta: torch.Tensor, *, alpha: float)
     Its minimiser is exactly ``r/alpha − log Z``. Eq. 11 estimates ``exp(r/alpha)/Z`` from the K responses of each
     prompt (``K · softmax(r/alpha)``), which is why its minimiser at finite K is :func:`nca_finite_k_minimiser`.
     """
-    mu = torch.as_tensor(world.mu, dtype=DTYPE)
-    ratio = torch.as_tensor(world.optimal_policy(alpha), dtype=DTYPE) / mu  # (N,) exp(r/alpha) / Z
+    mu = torch.tensor(world.mu, dtype=DTYPE)
+    ratio = torch.tensor(world.optimal_policy(alpha), dtype=DTYPE) / mu  # (N,) exp(r/alpha) / Z
     return -(mu * (ratio * torch.nn.functional.logsigmoid(r_theta)
                    + torch.nn.functional.logsigmoid(-r_theta))).sum()
 
@@ -272,7 +272,15 @@ def minimise(objective, init, max_iter: int = 100, tol: float = 1e-14) -> tuple[
     Responses the loss barely sees (a logit of ±30 or more, where σ saturates in float64) are not pinned down to
     many digits in ``r_theta``; compare such minimisers on the probability scale (``table1``'s ``posterior gap``).
     """
-    theta = torch.tensor(np.asarray(init, dtype=float), dtype=DTYPE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # N x N Hessians: extra threads only add synchronisation (10x slower on a busy CPU)
+    try:
+        return _newton(objective, torch.tensor(np.asarray(init, dtype=float), dtype=DTYPE), max_iter, tol)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _newton(objective, theta: torch.Tensor, max_iter: int, tol: float) -> tuple[np.ndarray, float]:
     for _ in range(max_iter):
         x = theta.clone().requires_grad_(True)
         loss = objective(x)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from nca_kit import toy
 from nca_kit.losses import preference_loss, reward_loss
 from nca_kit.toy import (
     DECOY_FEATURES,
@@ -292,3 +293,39 @@ def test_random_feature_maps_statistics(world):
     assert 0.1 < lowered[(1, "nca")] < lowered[(1, "dpo")]
     # Collapse onto the worst response happens only under DPO.
     assert study["frac final pi_bad > 0.5"][(2, "dpo")] > 0.1 and study["frac final pi_bad > 0.5"][(2, "nca")] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The world's closed forms and the fixed-point check
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_world_closed_forms_agree(world):
+    for alpha in (0.01, 1.0, 5.0):
+        pi_star = world.optimal_policy(alpha)
+        assert np.isfinite(pi_star).all() and pi_star.sum() == pytest.approx(1.0)
+        np.testing.assert_allclose(world.mu * np.exp(world.nca_target(alpha)), pi_star, atol=1e-12)
+    assert world.log_partition(5.0) == pytest.approx(np.log(np.sum(world.mu * np.exp(world.rewards / 5.0))))
+    assert np.isfinite(world.log_partition(1e-3))  # r / alpha = 10^4: no overflow
+    assert world.best == 0
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        world.optimal_policy(0.0)
+
+
+def test_make_world_is_reproducible_and_checked():
+    a, b = toy.make_world(5, 3, reward_scale=2.0), toy.make_world(5, 3, reward_scale=2.0)
+    assert a.names == ("y0", "y1", "y2", "y3", "y4") and np.array_equal(a.mu, b.mu)
+    assert (0 <= a.rewards).all() and (a.rewards <= 2.0).all()
+    with pytest.raises(ValueError, match="n_responses"):
+        toy.make_world(1, 0)
+
+
+@pytest.mark.parametrize("alpha, beta", [(0.1, 1.0), (5.0, 1.0), (5.0, 0.5), (2.0, 2.0)])
+def test_stationarity_is_zero_exactly_at_the_theorems_optimum(world, alpha, beta):
+    logits = np.log(world.mu) + world.rewards / (alpha * beta)
+    assert toy.stationarity(world, logits, "infonca", alpha=alpha, beta=beta) < 1e-12
+    assert toy.stationarity(world, np.log(world.mu), "infonca", alpha=alpha, beta=beta) > 1e-3  # mu is not
+    nca = toy.stationarity(world, logits, "nca", alpha=alpha, beta=beta)
+    assert nca < 1e-12 if beta == 1.0 else nca > 1e-6  # NCA's optimum is mu e^{r/alpha} only at beta = 1
+    assert toy.stationarity(world, np.log(world.mu) + world.rewards / alpha, "nca", alpha=alpha,
+                            sampling="uniform") > 1e-6 or alpha < 1
