@@ -1,9 +1,43 @@
 """Figures for the course and the training runs. Every function returns the matplotlib Figure and saves it as PNG
-when given a path; titles state the point, axes are labelled, legends name every line."""
+when given a path; titles state the point, axes are labelled, legends name every line.
+
+Every plotting function takes ``settings``: the run's settings that a reader needs to read the figure (e.g.
+``{"K": 4, "beta": 0.1, "seed": 0}``), printed under the title. Axes whose values are all integers (steps, K)
+get integer ticks. :func:`fmt` prints the numbers the notebooks show.
+"""
 
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+
+
+def fmt(x: float, digits: int = 4) -> str:
+    """Fixed-point text of ``x`` with ``digits`` decimals; a value that rounds to zero prints as ``0.0000``, never
+    ``-0.0000`` (round-off decides the sign of a vanishing number, and printed outputs must not depend on it)."""
+    text = f"{x:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def titled(title: str, settings: dict | None = None) -> str:
+    """``title`` with a second line naming ``settings``, e.g. ``"K = 4, beta = 0.1, seed = 0"`` (floats as ``:g``)."""
+    if not settings:
+        return title
+    shown = ", ".join(f"{name} = {value:g}" if isinstance(value, float) else f"{name} = {value}"
+                      for name, value in settings.items())
+    return f"{title}\n{shown}"
+
+
+def _is_integral(values) -> bool:
+    values = np.asarray(values, dtype=float).ravel()
+    return values.size > 0 and bool(np.all(np.isfinite(values) & (values == np.round(values))))
+
+
+def integer_ticks(ax, *xs) -> None:
+    """Integer-only x ticks on ``ax`` when every value in ``xs`` is an integer (steps, K): no ``0.5`` step labels."""
+    if all(x is not None and _is_integral(x) for x in xs) and xs:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def save(fig, path=None, dpi: int = 120):
@@ -17,14 +51,13 @@ def save(fig, path=None, dpi: int = 120):
     return fig
 
 
-__all__ = ["plt", "save"]
+__all__ = ["plt", "save", "fmt", "titled", "integer_ticks"]
 
 
 def plot_agreement(predicted, observed, *, title: str, weights=None, xlabel: str = "predicted probability",
-                   ylabel: str = "empirical frequency", label: str = "observed", path=None):
+                   ylabel: str = "empirical frequency", label: str = "observed", settings: dict | None = None,
+                   path=None):
     """Scatter of ``observed`` against ``predicted`` with the diagonal ``y = x``; marker area ∝ ``weights``."""
-    import numpy as np
-
     predicted, observed = np.asarray(predicted, float).ravel(), np.asarray(observed, float).ravel()
     sizes = None
     if weights is not None:
@@ -33,13 +66,13 @@ def plot_agreement(predicted, observed, *, title: str, weights=None, xlabel: str
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="y = x (theory)")
     ax.scatter(predicted, observed, s=sizes, alpha=0.6, label=label)
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=xlabel, ylabel=ylabel, title=titled(title, settings))
     ax.legend(loc="upper left")
     return save(fig, path)
 
 
 def plot_lines(x, series: dict, *, title: str, xlabel: str, ylabel: str, logx: bool = False, logy: bool = False,
-               marker="o", vline=None, hline=None, xticks=None, path=None):
+               marker="o", vline=None, hline=None, xticks=None, settings: dict | None = None, path=None):
     """One line per ``series`` item (label -> y values over ``x``, or label -> (x, y)); optional reference lines.
 
     ``marker`` is one matplotlib marker for every line or a dict label -> marker (``""``: none; ``" "``: no line,
@@ -47,8 +80,10 @@ def plot_lines(x, series: dict, *, title: str, xlabel: str, ylabel: str, logx: b
     named in the legend. ``xticks``: tick positions to label with their plain values (useful on a log axis).
     """
     fig, ax = plt.subplots(figsize=(6, 4))
+    all_xs = []
     for name, values in series.items():
         xs, ys = values if isinstance(values, tuple) else (x, values)
+        all_xs.append(xs)
         style = marker.get(name, "o") if isinstance(marker, dict) else marker
         line = "none" if style.endswith(" ") else "-"
         ax.plot(xs, ys, marker=style.strip() or None, markersize=4, linestyle=line, label=name)
@@ -63,22 +98,23 @@ def plot_lines(x, series: dict, *, title: str, xlabel: str, ylabel: str, logx: b
     if xticks is not None:
         ax.set_xticks(list(xticks), [f"{t:g}" for t in xticks])
         ax.minorticks_off()
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    elif not logx:
+        integer_ticks(ax, *all_xs)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=titled(title, settings))
     ax.legend()
     return save(fig, path)
 
 
-def plot_bars(categories, series: dict, *, title: str, xlabel: str, ylabel: str, path=None):
+def plot_bars(categories, series: dict, *, title: str, xlabel: str, ylabel: str, settings: dict | None = None,
+              path=None):
     """Grouped bars: one group per category, one bar per ``series`` item (label -> values)."""
-    import numpy as np
-
     fig, ax = plt.subplots(figsize=(6, 4))
     width = 0.8 / max(len(series), 1)
     positions = np.arange(len(categories))
     for i, (name, values) in enumerate(series.items()):
         ax.bar(positions + (i - (len(series) - 1) / 2) * width, values, width=width, label=name)
     ax.set_xticks(positions, [str(c) for c in categories])
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=titled(title, settings))
     ax.legend()
     return save(fig, path)
 
@@ -87,7 +123,7 @@ __all__ += ["plot_agreement", "plot_lines", "plot_bars"]
 
 
 def plot_toy_probs(runs: dict, responses, *, title: str, reference=None, target=None, logy: bool = False,
-                   ylabel: str = "probability pi(y)", path=None):
+                   ylabel: str = "probability pi(y)", settings: dict | None = None, path=None):
     """One panel per run (name -> DataFrame indexed by step with one probability column per response).
 
     ``reference`` (e.g. ``mu``) and ``target`` (e.g. ``pi*``) are optional per-response values drawn as dotted and
@@ -106,6 +142,7 @@ def plot_toy_probs(runs: dict, responses, *, title: str, reference=None, target=
                 ax.axhline(target[i], color=color, linestyle="--", linewidth=1)
         if logy:
             ax.set_yscale("log")
+        integer_ticks(ax, frame.index)
         ax.set(title=name, xlabel="gradient step")
     axes[0][0].set_ylabel(ylabel)
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -116,7 +153,7 @@ def plot_toy_probs(runs: dict, responses, *, title: str, reference=None, target=
         handles.append(plt.Line2D([], [], color="grey", linestyle="--"))
         labels.append("target pi*")
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.suptitle(title)
+    fig.suptitle(titled(title, settings))
     fig.tight_layout()
     return save(fig, path)
 
@@ -124,7 +161,7 @@ def plot_toy_probs(runs: dict, responses, *, title: str, reference=None, target=
 __all__ += ["plot_toy_probs"]
 
 
-def plot_training_trends(records, *, title: str = "training trends", path=None):
+def plot_training_trends(records, *, title: str = "training trends", settings: dict | None = None, path=None):
     """Three panels over optimizer steps from ``metrics.jsonl`` records (dicts with ``step`` and ``loss``):
 
     the loss; the change of log-likelihood of the best and worst response since step 0 (``logps/chosen_delta``,
@@ -151,9 +188,10 @@ def plot_training_trends(records, *, title: str = "training trends", path=None):
         axes[2].plot(steps, series(key), marker="o", markersize=3, label=f"{key[len('rewards/'):]} (rank by reward)")
     axes[2].set(xlabel="optimizer step", ylabel="β log(π/μ)", title="implicit reward by data-reward rank")
     for ax in axes:
+        integer_ticks(ax, steps)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
-    fig.suptitle(title)
+    fig.suptitle(titled(title, settings))
     fig.tight_layout()
     return save(fig, path)
 
@@ -161,7 +199,8 @@ def plot_training_trends(records, *, title: str = "training trends", path=None):
 __all__ += ["plot_training_trends"]
 
 
-def plot_reward_histogram(rewards, *, title: str, threshold: float | None = None, path=None):
+def plot_reward_histogram(rewards, *, title: str, threshold: float | None = None, settings: dict | None = None,
+                          path=None):
     """Bar chart of how many responses got each reward value (``rewards``: a flat list or a list of per-prompt lists);
     ``threshold`` draws a dashed line at the correctness cut of the rubric."""
     from collections import Counter
@@ -173,12 +212,13 @@ def plot_reward_histogram(rewards, *, title: str, threshold: float | None = None
     ax.bar(values, [counts[v] for v in values], width=0.8, label="responses")
     if threshold is not None:
         ax.axvline(threshold - 0.5, color="grey", linestyle="--", linewidth=1, label=f"correct (reward ≥ {threshold:g})")
-    ax.set(xlabel="rubric reward (0–10)", ylabel="number of responses", title=title)
+    ax.set(xlabel="rubric reward (0–10)", ylabel="number of responses", title=titled(title, settings))
     ax.legend()
     return save(fig, path)
 
 
-def plot_band_lines(series: dict, *, title: str, xlabel: str, ylabel: str, hline=None, xticks=None, path=None):
+def plot_band_lines(series: dict, *, title: str, xlabel: str, ylabel: str, hline=None, xticks=None,
+                    settings: dict | None = None, path=None):
     """Mean lines with a shaded spread: ``series`` maps a label to ``(x, mean, low, high)`` (e.g. min/max over seeds).
 
     ``hline`` is an optional ``(value, label)`` reference line (e.g. ``(0, "reference")``); ``xticks`` optional tick
@@ -192,16 +232,17 @@ def plot_band_lines(series: dict, *, title: str, xlabel: str, ylabel: str, hline
         ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     if xticks is not None:
         ax.set_xticks(list(xticks))
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    else:
+        integer_ticks(ax, *(xs for xs, *_ in series.values()))
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=titled(title, settings))
     ax.legend()
     return save(fig, path)
 
 
-def plot_error_bars(categories, series: dict, *, title: str, xlabel: str, ylabel: str, path=None):
+def plot_error_bars(categories, series: dict, *, title: str, xlabel: str, ylabel: str, settings: dict | None = None,
+                    path=None):
     """Grouped bars with error bars: ``series`` maps a label to ``(means, errors)`` over ``categories``; an error is a
     half-width (one number) or a ``(below, above)`` pair, e.g. the distance to the min and max over seeds."""
-    import numpy as np
-
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(categories) + 2), 4))
     width = 0.8 / max(len(series), 1)
     positions = np.arange(len(categories))
@@ -210,7 +251,7 @@ def plot_error_bars(categories, series: dict, *, title: str, xlabel: str, ylabel
         yerr = errors.T if errors.ndim == 2 else errors
         ax.bar(positions + (i - (len(series) - 1) / 2) * width, means, width=width, yerr=yerr, capsize=3, label=name)
     ax.set_xticks(positions, [str(c) for c in categories], rotation=20, ha="right")
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=titled(title, settings))
     ax.legend()
     return save(fig, path)
 

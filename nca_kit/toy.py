@@ -19,7 +19,8 @@ This module gives
   :class:`UnnormalisedPolicy` (free log-likelihoods that need not sum to one, the model class of Theorem 4.2).
 * :func:`train_toy`: full-batch gradient descent on any loss of :mod:`nca_kit.losses`, recording every response's
   probability step by step.
-* :meth:`ToyWorld.optimal_policy` and :meth:`ToyWorld.nca_optimal_rewards`: the targets of Theorems 3.2 and 4.2.
+* :meth:`ToyWorld.optimal_policy` and :meth:`ToyWorld.nca_target`: the targets of Theorems 3.2 and 4.2;
+  :func:`stationarity`: how far a policy is from being a fixed point of a loss (zero gradient).
 
 Notation: ``N = 4`` responses of the world, ``M`` independent policies trained side by side (one per feature map),
 ``K`` responses per prompt in a loss call, ``D`` feature dimension. The implicit reward is
@@ -52,6 +53,7 @@ from nca_kit.losses import REWARD_LOSSES, check_loss_type, implicit_rewards, pre
 __all__ = [
     "ToyWorld",
     "paper_world",
+    "make_world",
     "Scenario",
     "TABLE10_SCENARIOS",
     "scenario_policies",
@@ -59,6 +61,7 @@ __all__ = [
     "table10",
     "reward_sample",
     "population_loss",
+    "stationarity",
     "TabularPolicy",
     "FeaturePolicy",
     "UnnormalisedPolicy",
@@ -77,30 +80,46 @@ DTYPE = torch.float64  # the toy is tiny: float64 makes convergence checks meani
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ToyWorld:
-    """One prompt with ``N`` responses: reference probabilities ``mu``, rewards ``r`` and one preference pair."""
+    """One prompt with ``N`` responses: reference probabilities ``mu (N,)``, rewards ``rewards (N,)`` (NumPy arrays)
+    and one preference pair ``chosen > rejected``.
+
+    The world of every theory lecture: Appendix H's four responses (:func:`paper_world`) and the random worlds of
+    lectures 1-2 (:func:`make_world`). The closed forms the paper's theorems name live here, as NumPy arrays:
+    ``log Z`` (:meth:`log_partition`), ``pi*`` (:meth:`optimal_policy`) and NCA's optimum (:meth:`nca_target`).
+    """
 
     names: tuple[str, ...]
-    mu: tuple[float, ...]
-    rewards: tuple[float, ...]
+    mu: np.ndarray
+    rewards: np.ndarray
     chosen: int = 0  # index of y_w in the preference pair
     rejected: int = 1  # index of y_l
 
     def __post_init__(self):
+        mu, rewards = np.asarray(self.mu, dtype=float), np.asarray(self.rewards, dtype=float)
         n = len(self.names)
-        if len(self.mu) != n or len(self.rewards) != n:
-            raise ValueError(f"names, mu and rewards must have the same length, got {n}, {len(self.mu)}, "
-                             f"{len(self.rewards)}")
-        if any(p <= 0 for p in self.mu) or not math.isclose(sum(self.mu), 1.0, abs_tol=1e-12):
-            raise ValueError(f"mu must be positive and sum to 1, got {self.mu}")
+        if mu.shape != (n,) or rewards.shape != (n,):
+            raise ValueError(f"names, mu and rewards must have the same length, got {n}, {mu.shape} and "
+                             f"{rewards.shape}")
+        if (mu <= 0).any() or not math.isclose(mu.sum(), 1.0, abs_tol=1e-9):
+            raise ValueError(f"mu must be positive and sum to 1, got {mu.tolist()}")
         if self.chosen == self.rejected or not (0 <= self.chosen < n and 0 <= self.rejected < n):
             raise ValueError(f"chosen and rejected must be two different indices in [0, {n}), got "
                              f"{self.chosen}, {self.rejected}")
+        mu.flags.writeable = rewards.flags.writeable = False
+        object.__setattr__(self, "names", tuple(self.names))
+        object.__setattr__(self, "mu", mu)
+        object.__setattr__(self, "rewards", rewards)
 
     @property
     def n(self) -> int:
         return len(self.names)
+
+    @property
+    def best(self) -> int:
+        """Index of the highest-reward response (``y_best``)."""
+        return int(np.argmax(self.rewards))
 
     def mu_tensor(self) -> torch.Tensor:
         return torch.tensor(self.mu, dtype=DTYPE)  # (N,)
@@ -111,22 +130,28 @@ class ToyWorld:
     def reward_tensor(self) -> torch.Tensor:
         return torch.tensor(self.rewards, dtype=DTYPE)  # (N,)
 
-    def optimal_policy(self, alpha: float, beta: float = 1.0) -> torch.Tensor:
-        r"""``pi ∝ mu * exp(r / (alpha * beta))``: the policy with ``beta * log(pi/mu) = r / alpha + c``.
+    def log_partition(self, alpha: float) -> float:
+        """``log Z = log E_mu[exp(r / alpha)]``, computed without overflow."""
+        _check_positive(alpha=alpha)
+        scaled = self.rewards / alpha  # (N,)
+        top = scaled.max()
+        return float(top + np.log(np.sum(self.mu * np.exp(scaled - top))))
 
-        With ``beta = 1`` this is the paper's ``pi*`` (Theorems 3.2 and 4.2), the maximiser of
-        ``E_pi[r] - alpha * KL(pi || mu)``.
+    def optimal_policy(self, alpha: float, beta: float = 1.0) -> np.ndarray:
+        r"""``pi ∝ mu * exp(r / (alpha * beta))``, shape ``(N,)``: the policy with ``beta * log(pi/mu) = r/alpha + c``.
+
+        With ``beta = 1`` this is the paper's ``pi* = mu·exp(r/alpha) / Z`` (Eq. 3; Theorems 3.2 and 4.2), the
+        maximiser of ``E_pi[r] - alpha * KL(pi || mu)``.
         """
-        if alpha <= 0 or beta <= 0:
-            raise ValueError(f"alpha and beta must be > 0, got alpha={alpha}, beta={beta}")
-        return torch.softmax(self.log_mu() + self.reward_tensor() / (alpha * beta), dim=-1)  # (N,)
+        _check_positive(alpha=alpha, beta=beta)
+        logits = np.log(self.mu) + self.rewards / (alpha * beta)  # (N,)
+        weights = np.exp(logits - logits.max())  # (N,) the largest is 1: no overflow
+        return weights / weights.sum()
 
-    def nca_optimal_rewards(self, alpha: float) -> torch.Tensor:
-        r"""NCA's self-normalised optimum (Theorem 4.2): ``r_theta* = r / alpha - log E_mu[exp(r / alpha)]``."""
-        if alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}")
-        scaled = self.reward_tensor() / alpha  # (N,)
-        return scaled - torch.logsumexp(self.log_mu() + scaled, dim=-1)  # (N,)
+    def nca_target(self, alpha: float) -> np.ndarray:
+        r"""NCA's self-normalised optimum (Theorem 4.2), shape ``(N,)``: ``r/alpha − log E_mu[exp(r/alpha)]``,
+        which is ``log(pi*/mu)``."""
+        return self.rewards / alpha - self.log_partition(alpha)
 
     def mean_reward(self, pi: torch.Tensor) -> torch.Tensor:
         """``E_pi[r]`` for probabilities ``pi`` of shape ``(..., N)``."""
@@ -142,9 +167,27 @@ class ToyWorld:
         return (pi * (pi.log() - self.log_mu())).sum(-1)
 
 
+def _check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+
+
 def paper_world() -> ToyWorld:
     """Appendix H, Table 9: ``mu = (0.40, 0.50, 0.05, 0.05)``, ``r = (10, 3, 7, 0)``, preference data ``y_a > y_b``."""
     return ToyWorld(names=("y_a", "y_b", "y_c", "y_d"), mu=(0.40, 0.50, 0.05, 0.05), rewards=(10.0, 3.0, 7.0, 0.0))
+
+
+def make_world(n_responses: int, seed: int, reward_scale: float = 1.0) -> ToyWorld:
+    """A random world ``y0..y{N-1}``: ``mu ~ Dirichlet(2, ..., 2)``, rewards uniform in ``[0, reward_scale]``, fixed
+    by ``seed`` (the world of lectures 1 and 2)."""
+    if n_responses < 2:
+        raise ValueError(f"n_responses must be >= 2, got {n_responses}")
+    if not reward_scale > 0:
+        raise ValueError(f"reward_scale must be > 0, got {reward_scale}")
+    rng = np.random.default_rng(seed)
+    return ToyWorld(names=tuple(f"y{i}" for i in range(n_responses)), mu=rng.dirichlet(np.full(n_responses, 2.0)),
+                    rewards=rng.uniform(0.0, reward_scale, size=n_responses))
 
 
 def table9(world: ToyWorld) -> pd.DataFrame:
@@ -269,9 +312,9 @@ def reward_sample(world: ToyWorld, sampling: str = "mu", max_k: int = 10_000) ->
         return torch.arange(world.n)
     if sampling != "mu":
         raise ValueError(f"sampling must be 'mu' or 'uniform', got {sampling!r}")
-    fractions = [Fraction(p).limit_denominator(max_k) for p in world.mu]
+    fractions = [Fraction(float(p)).limit_denominator(max_k) for p in world.mu]
     if any(abs(float(f) - p) > 1e-12 for f, p in zip(fractions, world.mu)):
-        raise ValueError(f"mu={world.mu} has no exact representation with K <= {max_k}; use sampling='uniform'")
+        raise ValueError(f"mu={world.mu.tolist()} has no exact representation with K <= {max_k}; use sampling='uniform'")
     k = math.lcm(*(f.denominator for f in fractions))
     counts = [int(f * k) for f in fractions]
     return torch.repeat_interleave(torch.arange(world.n), torch.tensor(counts))  # (K,)
@@ -307,6 +350,22 @@ def population_loss(world: ToyWorld, pi: torch.Tensor, loss_type: str, *, alpha:
                     sampling: str = "mu") -> torch.Tensor:
     """InfoNCA / NCA loss of policy ``pi (N,)`` on the reward data of :func:`reward_sample` (a scalar)."""
     return _reward_losses(world, pi.log()[None, :], loss_type, alpha, beta, reward_sample(world, sampling))[0]
+
+
+def stationarity(world: ToyWorld, logits, loss_type: str, *, alpha: float, beta: float = 1.0,
+                 sampling: str = "mu") -> float:
+    r"""``max_y |dL/dlogit_y|`` of the reward-data loss at the tabular policy ``pi = softmax(logits)``, ``logits (N,)``.
+
+    Zero exactly when ``pi`` is a fixed point of gradient descent on the loss (the losses are convex in the
+    logits' differences, so a fixed point is a minimiser). Taking logits, e.g. ``log mu + r / (alpha * beta)``,
+    keeps policies whose probabilities underflow (tiny ``alpha``) exact. It checks a theorem's optimum without
+    any training budget: a claimed optimum must give 0 up to round-off (~1e-15).
+    """
+    logits = torch.tensor(np.asarray(logits, dtype=float), dtype=DTYPE, requires_grad=True)  # (N,)
+    loss = _reward_losses(world, torch.log_softmax(logits, -1)[None, :], check_loss_type(loss_type, "reward"), alpha,
+                          beta, reward_sample(world, sampling))[0]
+    (grad,) = torch.autograd.grad(loss, logits)
+    return float(grad.abs().max())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -396,7 +455,7 @@ def feature_map_study(world: ToyWorld, dims, *, n_maps: int = 200, loss_types=("
     """
     worst = int(np.argmin(world.rewards))
     rows = []
-    mu_w = world.mu[world.chosen]
+    mu_w = float(world.mu[world.chosen])
     for dim in dims:
         features = random_feature_maps(n_maps, world.n, dim, seed)
         for loss_type in loss_types:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from nca_kit import toy
 from nca_kit.losses import preference_loss, reward_loss
 from nca_kit.toy import (
     DECOY_FEATURES,
@@ -175,21 +176,21 @@ def test_adam_runs_and_lowers_the_loss(world):
 @pytest.mark.parametrize("loss_type", ["infonca", "nca"])
 def test_reward_data_converges_to_pi_star(world, loss_type):
     run = train_toy(TabularPolicy(world), world, loss_type=loss_type, data="reward", alpha=ALPHA, steps=STEPS, lr=LR)
-    pi_star = world.optimal_policy(ALPHA).numpy()
+    pi_star = world.optimal_policy(ALPHA)
     np.testing.assert_allclose(run.final_probs[0], pi_star, atol=1e-6)
     assert np.all(np.diff(run.history["loss"].to_numpy()) < 1e-12)  # descent at every step (up to rounding)
 
 
 def test_nca_reaches_its_absolute_optimum(world):
     run = train_toy(TabularPolicy(world), world, loss_type="nca", data="reward", alpha=ALPHA, steps=STEPS, lr=LR)
-    np.testing.assert_allclose(run.final_model_rewards[0], world.nca_optimal_rewards(ALPHA).numpy(), atol=1e-6)
+    np.testing.assert_allclose(run.final_model_rewards[0], world.nca_target(ALPHA), atol=1e-6)
 
 
 def test_unnormalised_model_nca_self_normalises_infonca_does_not(world):
     mu = world.mu_tensor().numpy()
     nca = train_toy(UnnormalisedPolicy(world), world, loss_type="nca", data="reward", alpha=ALPHA, steps=STEPS, lr=LR)
     r_nca = nca.final_model_rewards[0]
-    np.testing.assert_allclose(r_nca, world.nca_optimal_rewards(ALPHA).numpy(), atol=1e-4)
+    np.testing.assert_allclose(r_nca, world.nca_target(ALPHA), atol=1e-4)
     assert (mu * np.exp(r_nca)).sum() == pytest.approx(1.0, abs=1e-4)  # the implied policy sums to one by itself
 
     info = train_toy(UnnormalisedPolicy(world), world, loss_type="infonca", data="reward", alpha=ALPHA, steps=STEPS,
@@ -210,7 +211,7 @@ def test_beta_rescales_the_infonca_target(world):
     for beta in (0.5, 2.0):
         run = train_toy(TabularPolicy(world), world, loss_type="infonca", data="reward", alpha=ALPHA, beta=beta,
                         steps=STEPS, lr=LR / beta**2)
-        np.testing.assert_allclose(run.final_probs[0], world.optimal_policy(ALPHA, beta).numpy(), atol=1e-5)
+        np.testing.assert_allclose(run.final_probs[0], world.optimal_policy(ALPHA, beta), atol=1e-5)
 
 
 def test_nca_with_beta_below_one_misses_both_targets(world):
@@ -219,12 +220,12 @@ def test_nca_with_beta_below_one_misses_both_targets(world):
     final = run.final_probs[0]
     late = run.history[list(world.names)].to_numpy()[-50:]
     assert np.ptp(late, axis=0).max() < 1e-8  # converged ...
-    assert np.abs(final - world.optimal_policy(ALPHA, 0.5).numpy()).max() > 0.02  # ... but not to mu e^{r/(a b)}
-    assert np.abs(final - world.optimal_policy(ALPHA).numpy()).max() > 0.1  # nor to mu e^{r/a}
+    assert np.abs(final - world.optimal_policy(ALPHA, 0.5)).max() > 0.02  # ... but not to mu e^{r/(a b)}
+    assert np.abs(final - world.optimal_policy(ALPHA)).max() > 0.1  # nor to mu e^{r/a}
 
 
 def test_nca_needs_responses_drawn_from_mu(world):
-    pi_star = world.optimal_policy(ALPHA).numpy()
+    pi_star = world.optimal_policy(ALPHA)
     info = train_toy(TabularPolicy(world), world, loss_type="infonca", data="reward", alpha=ALPHA, steps=STEPS,
                      lr=LR, sampling="uniform")
     nca = train_toy(TabularPolicy(world), world, loss_type="nca", data="reward", alpha=ALPHA, steps=STEPS, lr=LR,
@@ -292,3 +293,39 @@ def test_random_feature_maps_statistics(world):
     assert 0.1 < lowered[(1, "nca")] < lowered[(1, "dpo")]
     # Collapse onto the worst response happens only under DPO.
     assert study["frac final pi_bad > 0.5"][(2, "dpo")] > 0.1 and study["frac final pi_bad > 0.5"][(2, "nca")] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The world's closed forms and the fixed-point check
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_world_closed_forms_agree(world):
+    for alpha in (0.01, 1.0, 5.0):
+        pi_star = world.optimal_policy(alpha)
+        assert np.isfinite(pi_star).all() and pi_star.sum() == pytest.approx(1.0)
+        np.testing.assert_allclose(world.mu * np.exp(world.nca_target(alpha)), pi_star, atol=1e-12)
+    assert world.log_partition(5.0) == pytest.approx(np.log(np.sum(world.mu * np.exp(world.rewards / 5.0))))
+    assert np.isfinite(world.log_partition(1e-3))  # r / alpha = 10^4: no overflow
+    assert world.best == 0
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        world.optimal_policy(0.0)
+
+
+def test_make_world_is_reproducible_and_checked():
+    a, b = toy.make_world(5, 3, reward_scale=2.0), toy.make_world(5, 3, reward_scale=2.0)
+    assert a.names == ("y0", "y1", "y2", "y3", "y4") and np.array_equal(a.mu, b.mu)
+    assert (0 <= a.rewards).all() and (a.rewards <= 2.0).all()
+    with pytest.raises(ValueError, match="n_responses"):
+        toy.make_world(1, 0)
+
+
+@pytest.mark.parametrize("alpha, beta", [(0.1, 1.0), (5.0, 1.0), (5.0, 0.5), (2.0, 2.0)])
+def test_stationarity_is_zero_exactly_at_the_theorems_optimum(world, alpha, beta):
+    logits = np.log(world.mu) + world.rewards / (alpha * beta)
+    assert toy.stationarity(world, logits, "infonca", alpha=alpha, beta=beta) < 1e-12
+    assert toy.stationarity(world, np.log(world.mu), "infonca", alpha=alpha, beta=beta) > 1e-3  # mu is not
+    nca = toy.stationarity(world, logits, "nca", alpha=alpha, beta=beta)
+    assert nca < 1e-12 if beta == 1.0 else nca > 1e-6  # NCA's optimum is mu e^{r/alpha} only at beta = 1
+    assert toy.stationarity(world, np.log(world.mu) + world.rewards / alpha, "nca", alpha=alpha,
+                            sampling="uniform") > 1e-6 or alpha < 1

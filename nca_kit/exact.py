@@ -1,7 +1,8 @@
-r"""Exact small worlds for the first two lectures (``notebooks/01_dpo_to_infonca`` and ``notebooks/02_nca``).
+r"""The theory of lectures 1 and 2 checked exactly on a small world (``notebooks/01_dpo_to_infonca``, ``02_nca``).
 
-A :class:`DiscreteWorld` is one prompt ``x`` with ``N`` possible responses, a reference policy ``mu`` and explicit
-rewards ``r``. Everything the lectures claim about it is checked two ways:
+The world is a :class:`nca_kit.toy.ToyWorld` (one prompt, ``N`` responses, reference policy ``mu``, explicit rewards
+``r``; lectures 1-2 draw one with :func:`nca_kit.toy.make_world`). Everything the lectures claim about it is
+checked two ways:
 
 * **by simulation**: :func:`simulate_infonce` draws the data-generating process of Proposition 3.1 (one response from
   ``pi* ∝ mu·exp(r/alpha)``, ``K − 1`` from ``mu``, shuffled) and :func:`simulate_nce` the one of Proposition 4.1
@@ -30,10 +31,9 @@ import pandas as pd
 import torch
 
 from nca_kit.losses import preference_loss, reward_loss
+from nca_kit.toy import ToyWorld
 
 __all__ = [
-    "DiscreteWorld",
-    "make_world",
     "InfoNCESimulation",
     "simulate_infonce",
     "NCESimulation",
@@ -45,64 +45,9 @@ __all__ = [
     "nca_finite_k_minimiser",
     "minimise",
     "table1",
-    "fmt",
 ]
 
 DTYPE = torch.float64  # exact enumeration: float64 makes 1e-8 convergence checks meaningful
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The world
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DiscreteWorld:
-    """One prompt with ``N`` responses: reference probabilities ``mu (N,)`` and rewards ``rewards (N,)``."""
-
-    mu: np.ndarray
-    rewards: np.ndarray
-
-    def __post_init__(self):
-        mu, rewards = np.asarray(self.mu, dtype=float), np.asarray(self.rewards, dtype=float)
-        if mu.ndim != 1 or mu.shape != rewards.shape:
-            raise ValueError(f"mu and rewards must be 1-D of equal length, got {mu.shape} and {rewards.shape}")
-        if (mu <= 0).any() or not math.isclose(mu.sum(), 1.0, abs_tol=1e-9):
-            raise ValueError("mu must be positive and sum to 1")
-        object.__setattr__(self, "mu", mu)
-        object.__setattr__(self, "rewards", rewards)
-
-    @property
-    def n(self) -> int:
-        return len(self.mu)
-
-    @property
-    def best(self) -> int:
-        """Index of the highest-reward response (``y_best``)."""
-        return int(np.argmax(self.rewards))
-
-    def log_partition(self, alpha: float) -> float:
-        """``log Z = log E_mu[exp(r / alpha)]``."""
-        scaled = self.rewards / alpha
-        top = scaled.max()
-        return float(top + np.log(np.sum(self.mu * np.exp(scaled - top))))
-
-    def optimal_policy(self, alpha: float) -> np.ndarray:
-        """``pi* = mu·exp(r/alpha) / Z``, the maximiser of ``E_pi[r] − alpha·KL(pi || mu)`` (Eq. 3). Shape ``(N,)``."""
-        return self.mu * np.exp(self.rewards / alpha - self.log_partition(alpha))
-
-    def nca_target(self, alpha: float) -> np.ndarray:
-        """Theorem 4.2's optimum ``r/alpha − log E_mu[exp(r/alpha)] = log(pi*/mu)``. Shape ``(N,)``."""
-        return self.rewards / alpha - self.log_partition(alpha)
-
-
-def make_world(n_responses: int, seed: int, reward_scale: float = 1.0) -> DiscreteWorld:
-    """A random world: ``mu ~ Dirichlet(2, ..., 2)``, rewards uniform in ``[0, reward_scale]``, fixed by ``seed``."""
-    if n_responses < 2:
-        raise ValueError(f"n_responses must be >= 2, got {n_responses}")
-    rng = np.random.default_rng(seed)
-    return DiscreteWorld(mu=rng.dirichlet(np.full(n_responses, 2.0)),
-                         rewards=rng.uniform(0.0, reward_scale, size=n_responses))
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -130,7 +75,7 @@ class InfoNCESimulation:
         return self.hits / self.counts[:, None]
 
 
-def simulate_infonce(world: DiscreteWorld, k: int, n_draws: int, alpha: float, rng: np.random.Generator):
+def simulate_infonce(world: ToyWorld, k: int, n_draws: int, alpha: float, rng: np.random.Generator):
     """Proposition 3.1: the optimal response's index ``nu`` given ``K`` shuffled responses.
 
     Each draw puts one response from ``pi*`` in a uniformly random slot ``nu`` and fills the other ``K − 1`` slots
@@ -164,7 +109,7 @@ class NCESimulation:
             return self.hits / self.counts
 
 
-def simulate_nce(world: DiscreteWorld, n_draws: int, alpha: float, rng: np.random.Generator) -> NCESimulation:
+def simulate_nce(world: ToyWorld, n_draws: int, alpha: float, rng: np.random.Generator) -> NCESimulation:
     """Proposition 4.1: was ``y`` drawn from ``pi*`` or from ``mu`` (equal prior odds)?
 
     ``P(pi* | y) = pi*(y) / (pi*(y) + mu(y)) = sigmoid(r(y)/alpha − log Z)``: a *binary* classifier whose logit is the
@@ -185,8 +130,10 @@ def chi_square(hits: np.ndarray, counts: np.ndarray, probs: np.ndarray, min_expe
     """Pearson goodness-of-fit of observed outcomes against predicted probabilities.
 
     ``hits (G, C)`` are outcome counts of ``counts (G,)`` trials per group with predicted ``probs (G, C)``; a 1-D
-    ``hits``/``probs`` means binary outcomes (``C = 2``: hit or miss). Groups with an expected count below
-    ``min_expected`` in any cell are left out (the chi-square approximation needs it).
+    ``hits``/``probs`` means binary outcomes (``C = 2``: hit or miss). The chi-square approximation needs an
+    expected count of at least ``min_expected`` per cell, so within each group the cells below it are pooled into
+    one (and that one into the smallest other cell if it is still below); a group left with fewer than two cells
+    says nothing and is dropped. Each group adds (its cells − 1) degrees of freedom.
 
     Returns ``(statistic, degrees_of_freedom, p_value)``.
     """
@@ -194,11 +141,22 @@ def chi_square(hits: np.ndarray, counts: np.ndarray, probs: np.ndarray, min_expe
     if hits.ndim == 1:
         hits, probs = np.stack([hits, counts - hits], -1), np.stack([probs, 1.0 - probs], -1)
     expected = counts[:, None] * probs  # (G, C)
-    keep = (expected >= min_expected).all(axis=-1)
-    if not keep.any():
-        raise ValueError("no group has enough expected counts; draw more samples")
-    stat = float((((hits - expected) ** 2) / expected)[keep].sum())
-    dof = int(keep.sum()) * (hits.shape[-1] - 1)
+    stat, dof = 0.0, 0
+    for observed, predicted in zip(hits, expected):  # (C,), (C,) per group
+        small = predicted < min_expected
+        if small.any():
+            observed = np.append(observed[~small], observed[small].sum())
+            predicted = np.append(predicted[~small], predicted[small].sum())
+            if predicted[-1] < min_expected and len(predicted) > 1:
+                j = int(np.argmin(predicted[:-1]))
+                observed[j], predicted[j] = observed[j] + observed[-1], predicted[j] + predicted[-1]
+                observed, predicted = observed[:-1], predicted[:-1]
+        if len(predicted) < 2:
+            continue
+        stat += float(((observed - predicted) ** 2 / predicted).sum())
+        dof += len(predicted) - 1
+    if dof == 0:
+        raise ValueError("no group has two cells with enough expected counts; draw more samples")
     p_value = float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=DTYPE), torch.tensor(stat / 2, dtype=DTYPE)))
     return stat, dof, p_value
 
@@ -213,14 +171,14 @@ def _tuple_index(n: int, k: int) -> torch.Tensor:
     return torch.tensor(list(itertools.product(range(n), repeat=k)), dtype=torch.long)  # (T, K)
 
 
-def _tuples(world: DiscreteWorld, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _tuples(world: ToyWorld, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All ``N^K`` ordered K-tuples of responses ``(T, K)`` and their probabilities under ``mu^K`` ``(T,)``."""
     idx = _tuple_index(world.n, k)  # (T, K)
-    weights = torch.as_tensor(world.mu, dtype=DTYPE)[idx].prod(dim=-1)  # (T,)
+    weights = torch.tensor(world.mu, dtype=DTYPE)[idx].prod(dim=-1)  # (T,)
     return idx, weights
 
 
-def expected_reward_loss(world: DiscreteWorld, r_theta: torch.Tensor, *, k: int, alpha: float,
+def expected_reward_loss(world: ToyWorld, r_theta: torch.Tensor, *, k: int, alpha: float,
                          loss_type: str) -> torch.Tensor:
     """Population loss ``E_{y_1..K ~ mu}[L(r_theta(y_1..K); r(y_1..K))]`` of a reward-dataset loss, exactly.
 
@@ -228,13 +186,13 @@ def expected_reward_loss(world: DiscreteWorld, r_theta: torch.Tensor, *, k: int,
     :data:`nca_kit.losses.REWARD_LOSS_TYPES`. Returns a scalar with gradient.
     """
     idx, weights = _tuples(world, k)
-    rewards = torch.as_tensor(world.rewards, dtype=DTYPE)[idx]  # (T, K)
+    rewards = torch.tensor(world.rewards, dtype=DTYPE)[idx]  # (T, K)
     policy = r_theta[idx]  # (T, K)
     losses, _ = reward_loss(policy, torch.zeros_like(policy), rewards, alpha=alpha, beta=1.0, loss_type=loss_type)
     return (weights * losses).sum()
 
 
-def expected_preference_loss(world: DiscreteWorld, r_theta: torch.Tensor, *, alpha: float,
+def expected_preference_loss(world: ToyWorld, r_theta: torch.Tensor, *, alpha: float,
                              loss_type: str) -> torch.Tensor:
     """Population loss of a preference loss on pairs ``y_1, y_2 ~ mu`` labelled by Bradley–Terry (Eq. 1).
 
@@ -243,7 +201,7 @@ def expected_preference_loss(world: DiscreteWorld, r_theta: torch.Tensor, *, alp
     For ``"dpo"`` this is also the reward-model loss of Eq. 2 with ``r_theta`` as the reward model.
     """
     idx, weights = _tuples(world, 2)
-    rewards = torch.as_tensor(world.rewards, dtype=DTYPE)[idx]  # (T, 2)
+    rewards = torch.tensor(world.rewards, dtype=DTYPE)[idx]  # (T, 2)
     diff = rewards[:, 0] - rewards[:, 1]  # (T,)
     p_first = torch.sigmoid(diff / alpha) if alpha > 0 else (torch.sign(diff) + 1) / 2  # (T,)
     first, second = r_theta[idx[:, 0]], r_theta[idx[:, 1]]  # (T,), (T,)
@@ -253,7 +211,7 @@ def expected_preference_loss(world: DiscreteWorld, r_theta: torch.Tensor, *, alp
     return (weights * (p_first * first_wins + (1 - p_first) * second_wins)).sum()
 
 
-def nca_population_loss(world: DiscreteWorld, r_theta: torch.Tensor, *, alpha: float) -> torch.Tensor:
+def nca_population_loss(world: ToyWorld, r_theta: torch.Tensor, *, alpha: float) -> torch.Tensor:
     r"""NCA's population objective with the exact normaliser (the one Theorem 4.2 is about)::
 
         L = − E_mu[ exp(r/alpha) / Z · log sigmoid(r_theta) + log sigmoid(−r_theta) ],  Z = E_mu[exp(r/alpha)]
@@ -262,8 +220,8 @@ def nca_population_loss(world: DiscreteWorld, r_theta: torch.Tensor, *, alpha: f
     Its minimiser is exactly ``r/alpha − log Z``. Eq. 11 estimates ``exp(r/alpha)/Z`` from the K responses of each
     prompt (``K · softmax(r/alpha)``), which is why its minimiser at finite K is :func:`nca_finite_k_minimiser`.
     """
-    mu = torch.as_tensor(world.mu, dtype=DTYPE)
-    ratio = torch.as_tensor(world.optimal_policy(alpha), dtype=DTYPE) / mu  # (N,) exp(r/alpha) / Z
+    mu = torch.tensor(world.mu, dtype=DTYPE)
+    ratio = torch.tensor(world.optimal_policy(alpha), dtype=DTYPE) / mu  # (N,) exp(r/alpha) / Z
     return -(mu * (ratio * torch.nn.functional.logsigmoid(r_theta)
                    + torch.nn.functional.logsigmoid(-r_theta))).sum()
 
@@ -280,7 +238,7 @@ def _compositions(total: int, parts: int) -> np.ndarray:
     return np.diff(edges, axis=1) - 1  # (C, parts)
 
 
-def nca_finite_k_minimiser(world: DiscreteWorld, k: int, alpha: float) -> np.ndarray:
+def nca_finite_k_minimiser(world: ToyWorld, k: int, alpha: float) -> np.ndarray:
     r"""Exact minimiser of the population NCA loss (Eq. 11) at a finite ``K``, shape ``(N,)``.
 
     Per response, Eq. 11 weighs ``log σ(r_θ(y))`` by ``a(y) = K·mu(y)·E[softmax weight of y among K]`` and
@@ -301,16 +259,28 @@ def nca_finite_k_minimiser(world: DiscreteWorld, k: int, alpha: float) -> np.nda
     return np.log(k * (share * np.exp(log_pmf)[None, :]).sum(-1))
 
 
-def minimise(objective, init, max_iter: int = 100, tol: float = 1e-11) -> tuple[np.ndarray, float]:
+def minimise(objective, init, max_iter: int = 100, tol: float = 1e-14) -> tuple[np.ndarray, float]:
     """Minimise ``objective(r_theta (N,)) -> scalar`` from ``init`` by damped Newton; returns ``(r_theta*, loss)``.
 
     The objectives here are convex in ``r_theta`` and ``N`` is tiny, so Newton's method with the exact Hessian
-    (autograd) and a backtracking line search reaches a gradient below ``tol`` in a few steps. The step is the
-    minimum-norm one (pseudo-inverse), so on a flat direction — InfoNCA and DPO cannot see a common shift of
-    ``r_theta`` — it never moves: the sum of ``r_theta`` stays where ``init`` put it, which is how two runs reach
-    different minimisers of the same loss, as any gradient method would.
+    (autograd) and a backtracking line search reaches a gradient below ``tol`` in a few steps; it stops early when
+    no step lowers the loss any more (float64 round-off). The step is the minimum-norm one (pseudo-inverse), so on a
+    flat direction — InfoNCA and DPO cannot see a common shift of ``r_theta`` — it never moves: the sum of
+    ``r_theta`` stays where ``init`` put it, which is how two runs reach different minimisers of the same loss, as
+    any gradient method would.
+
+    Responses the loss barely sees (a logit of ±30 or more, where σ saturates in float64) are not pinned down to
+    many digits in ``r_theta``; compare such minimisers on the probability scale (``table1``'s ``posterior gap``).
     """
-    theta = torch.tensor(np.asarray(init, dtype=float), dtype=DTYPE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # N x N Hessians: extra threads only add synchronisation (10x slower on a busy CPU)
+    try:
+        return _newton(objective, torch.tensor(np.asarray(init, dtype=float), dtype=DTYPE), max_iter, tol)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _newton(objective, theta: torch.Tensor, max_iter: int, tol: float) -> tuple[np.ndarray, float]:
     for _ in range(max_iter):
         x = theta.clone().requires_grad_(True)
         loss = objective(x)
@@ -318,11 +288,13 @@ def minimise(objective, init, max_iter: int = 100, tol: float = 1e-11) -> tuple[
         if float(grad.detach().abs().max()) < tol:
             break
         hessian = torch.stack([torch.autograd.grad(g, x, retain_graph=True)[0] for g in grad])  # (N, N)
-        step = torch.linalg.pinv(hessian.detach(), hermitian=True, rtol=1e-10) @ grad.detach()  # (N,)
+        step = torch.linalg.pinv(hessian.detach(), hermitian=True, rtol=1e-14) @ grad.detach()  # (N,)
         slope, t = float(grad.detach() @ step), 1.0
         with torch.no_grad():
             while t > 1e-12 and float(objective(theta - t * step)) > float(loss) - 1e-4 * t * slope:
                 t /= 2
+        if t <= 1e-12:  # no step lowers the loss: converged to round-off
+            break
         theta = theta - t * step
     with torch.no_grad():
         return theta.numpy().copy(), float(objective(theta))
@@ -333,7 +305,7 @@ def minimise(objective, init, max_iter: int = 100, tol: float = 1e-11) -> tuple[
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def table1(world: DiscreteWorld, *, k: int, alpha: float, inits: dict[str, np.ndarray]) -> pd.DataFrame:
+def table1(world: ToyWorld, *, k: int, alpha: float, inits: dict[str, np.ndarray]) -> pd.DataFrame:
     """The paper's Table 1 (DPO/InfoNCA vs NCA), every number measured by minimising the loss on ``world``.
 
     For each loss, :func:`minimise` runs from every initial ``r_theta`` in ``inits`` (name -> ``(N,)``). Columns:
@@ -341,11 +313,16 @@ def table1(world: DiscreteWorld, *, k: int, alpha: float, inits: dict[str, np.nd
     * ``stated optimum``: what the paper states (Theorems 3.2 and 4.2); ``gap to stated``: ``max_y |r_θ* − stated|``,
       after the best constant for the "+ C(x)" rows.
     * ``gap to finite-K``: the same against the exact minimiser at this K (for NCA: :func:`nca_finite_k_minimiser`).
+    * ``posterior gap``: the same comparison on the scale the cross-entropy losses see, probabilities: the largest
+      difference of ``σ(r_θ(y) − r_θ(y'))`` over pairs (relative rows) or of ``σ(r_θ(y))`` (absolute rows). It
+      stays at round-off for every ``alpha``; the gaps in nats of responses whose logit saturates σ (tiny ``alpha``)
+      need not.
     * ``loss spread``: largest difference of the minimum loss across inits (all runs reach the same minimum);
       ``optima spread``: largest difference between the minimisers they reached (0: the minimiser is unique).
     * ``Δloss(r_θ*+1)``: how much the loss changes when every ``r_θ`` shifts by 1: ``0`` means the loss sees only
       relative likelihoods, ``> 0`` absolute ones (the ``target`` column is derived from it).
-    * ``min r_θ*(y_best)``: the smallest value over inits; ``guaranteed ≥ 0``: whether every run ended ``>= 0``.
+    * ``min r_θ*(y_best)``: the smallest value over inits; ``guaranteed ≥ 0``: whether every run ended ``>= 0``
+      *and* no minimiser lies below: the minimiser shifted so that ``r_θ(y_best) = −1`` must raise the loss.
 
     The minimisers themselves are in ``table.attrs["optima"]`` (loss -> init name -> ``r_theta* (N,)``).
     """
@@ -367,6 +344,12 @@ def table1(world: DiscreteWorld, *, k: int, alpha: float, inits: dict[str, np.nd
         d = r - target
         return float(np.abs(d - d.mean()).max() if free_constant else np.abs(d).max())
 
+    def posterior_gap(r, target, free_constant):
+        if free_constant:  # pairwise Bradley-Terry probabilities
+            r, target = r[:, None] - r[None, :], target[:, None] - target[None, :]  # (N, N)
+        sigmoid = lambda z: 0.5 * (1 + np.tanh(z / 2))  # noqa: E731 -- no overflow warning for |z| > 709
+        return float(np.abs(sigmoid(r) - sigmoid(target)).max())
+
     records, optima_by_loss = [], {}
     for name, data, loss, stated, objective, finite_k, free_constant in rows:
         stated_values = scaled if free_constant else world.nca_target(alpha)
@@ -377,6 +360,7 @@ def table1(world: DiscreteWorld, *, k: int, alpha: float, inits: dict[str, np.nd
         r0 = optima[0]
         with torch.no_grad():
             shifted = float(objective(torch.tensor(r0 + 1.0, dtype=DTYPE)))
+            below = float(objective(torch.tensor(r0 - r0[world.best] - 1.0, dtype=DTYPE)))  # r_θ(y_best) = −1
         delta = shifted - minima[0]
         best = [r[world.best] for r in optima]
         records.append({
@@ -386,21 +370,15 @@ def table1(world: DiscreteWorld, *, k: int, alpha: float, inits: dict[str, np.nd
             "stated optimum": stated,
             "gap to stated": max(gap(r, stated_values, free_constant) for r in optima),
             "gap to finite-K": max(gap(r, finite_k, free_constant) for r in optima),
+            "posterior gap": max(posterior_gap(r, finite_k, free_constant) for r in optima),
             "min loss": min(minima),
             "loss spread": max(minima) - min(minima),
             "optima spread": max(float(np.abs(a - b).max()) for a in optima for b in optima),
             "Δloss(r_θ*+1)": delta,
             "target": "relative" if abs(delta) < 1e-9 else "absolute",
             "min r_θ*(y_best)": min(best),
-            "guaranteed ≥ 0": bool(min(best) >= -1e-9),
+            "guaranteed ≥ 0": bool(min(best) >= -1e-9 and below - minima[0] > 1e-9),
         })
     table = pd.DataFrame.from_records(records).set_index("loss")
     table.attrs["optima"] = optima_by_loss  # loss -> init name -> r_theta* (N,)
     return table
-
-
-def fmt(x: float, digits: int = 4) -> str:
-    """Fixed-point text of ``x`` with ``digits`` decimals; a value that rounds to zero prints as ``0.0000``, never
-    ``-0.0000`` (round-off decides the sign of a vanishing number, and printed outputs must not depend on it)."""
-    text = f"{x:.{digits}f}"
-    return text[1:] if text.startswith("-") and float(text) == 0 else text
