@@ -162,6 +162,9 @@ def test_metrics_on_hand_made_scores():
     # within prompt 0 the scores order (0, 2) right and (0, 1), (1, 2) wrong: 1 of 3
     assert E.pairwise_accuracy(np.array([2.0, 3.0, 1.0]), rewards[:3], groups[:3]) == pytest.approx(1 / 3)
     assert E.pairwise_accuracy(np.zeros(6), rewards, groups) == 0.5  # constant scores: ties count half
+    low_top = np.array([1.0, 2.0, 3.0, 0.0, 5.0, 4.0])  # ranks the reward-3 response of prompt 0 last
+    assert E.pairwise_accuracy(low_top, rewards, groups, pair_mask=lambda a, b: np.maximum(a, b) == 3) == 0.0
+    assert E.pairwise_accuracy(low_top, rewards, groups, pair_mask=lambda a, b: np.maximum(a, b) != 3) == 1.0
     # across prompts a per-prompt offset breaks order consistency but not the within-prompt accuracy
     offset = rewards + np.array([0, 0, 0, 10, 10, 10])
     offset[:3] -= 10

@@ -713,10 +713,15 @@ def _concordance(s_i, s_j, r_i, r_j) -> tuple[float, int]:
     return float(np.sum(np.sign(ds) == np.sign(dr)) + 0.5 * np.sum(ds == 0)), int(keep.sum())
 
 
-def pairwise_accuracy(scores: np.ndarray, rewards: np.ndarray, groups: np.ndarray) -> float:
+def pairwise_accuracy(scores: np.ndarray, rewards: np.ndarray, groups: np.ndarray, *, pair_mask=None) -> float:
     """Share of within-prompt pairs with different golden rewards that ``scores`` order like the golden reward (a
-    tie in ``scores`` counts 1/2). On pairs labelled by people (golden 1 / 0) this is accuracy against the label."""
-    pairs = _within_pairs(np.asarray(rewards, dtype=np.float64), np.asarray(groups))
+    tie in ``scores`` counts 1/2). On pairs labelled by people (golden 1 / 0) this is accuracy against the label.
+
+    ``pair_mask(r_i, r_j) -> bool array`` keeps only some pairs (e.g. those that differ in correctness)."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    pairs = _within_pairs(rewards, np.asarray(groups))
+    if pair_mask is not None:
+        pairs = pairs[np.asarray(pair_mask(rewards[pairs[:, 0]], rewards[pairs[:, 1]]), dtype=bool)]
     if not len(pairs):
         return float("nan")
     hits, count = _concordance(scores[pairs[:, 0]], scores[pairs[:, 1]], rewards[pairs[:, 0]], rewards[pairs[:, 1]])
