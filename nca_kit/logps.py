@@ -16,7 +16,9 @@ Pipeline:
    over response tokens, and ``(B, K)`` response mask / rewards / cached reference log-probs.
 3. :func:`sequence_logps`: runs the transformer once, selects the hidden states that predict response tokens and
    applies the output layer to those only (the vocabulary projection is a large share of compute for small models:
-   49k x 576 on SmolLM2), then sums (or averages) per response into ``(B, K)``.
+   49k x 576 on SmolLM2), then sums (or averages) per response into ``(B, K)``. The transformer runs on the padded
+   batch, on the same sequences packed without padding, or on each prompt once with its K responses continuing from
+   its keys/values (``forward=``, see :mod:`nca_kit.packing`); all three give the same numbers.
 4. :func:`compute_reference_logps`: ``log mu(y|x)`` of the frozen reference computed once, stored as a column.
 """
 
@@ -30,6 +32,7 @@ from typing import Any, Iterable
 import torch
 
 from nca_kit.data.schema import as_reward_row
+from nca_kit.packing import FORWARD_LAYOUTS, packed_states, shared_prompt_states
 
 __all__ = [
     "PromptTooLongError",
@@ -280,7 +283,8 @@ def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def sequence_logps(model, batch: dict, *, average: bool = False, selective: bool = True) -> torch.Tensor:
+def sequence_logps(model, batch: dict, *, average: bool = False, selective: bool = True,
+                   forward: str = "padded") -> torch.Tensor:
     r"""``log pi(y_i | x)`` for every response of a collated batch, as ``(B, K)`` (0 in padded slots).
 
     Args:
@@ -291,6 +295,10 @@ def sequence_logps(model, batch: dict, *, average: bool = False, selective: bool
         selective: apply the output layer only to the hidden states that predict response tokens (``M`` of the
             ``N*T`` positions). ``False`` computes the full ``(N, T, V)`` logits as a plain forward does; both give
             the same numbers (up to float rounding) — ``selective`` is faster and uses less memory.
+        forward: how the transformer sees the ``N`` sequences (:mod:`nca_kit.packing`): ``"padded"`` as one
+            ``(N, T)`` batch; ``"packed"`` end to end in rows without padding, positions restarting per sequence;
+            ``"shared_prompt"`` each prompt once, its responses from the prompt's keys/values. Same numbers (up to
+            float rounding) and same gradients; ``selective=False`` exists only for ``"padded"``.
 
     The last hidden state at position ``t - 1`` predicts token ``t``; response tokens are where ``loss_mask`` is
     ``True``, so the predicting positions are ``loss_mask[:, 1:]``.
@@ -301,13 +309,26 @@ def sequence_logps(model, batch: dict, *, average: bool = False, selective: bool
     targets_mask = loss_mask[:, 1:]  # (N, T-1): position t predicts token t+1
     if bool(loss_mask[:, 0].any()):
         raise ValueError("loss_mask is True at position 0: a response needs a non-empty prompt before it")
+    if forward not in FORWARD_LAYOUTS:
+        raise ValueError(f"forward must be one of {FORWARD_LAYOUTS}, got {forward!r}")
+    if not selective and forward != "padded":
+        raise ValueError(f"selective=False computes full logits of the padded batch; got forward={forward!r}")
+    if int(response_mask.sum()) != input_ids.shape[0]:
+        raise ValueError(f"response_mask has {int(response_mask.sum())} responses but the batch has "
+                         f"{input_ids.shape[0]} rows")
     if selective:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1,
-                    output_hidden_states=True, use_cache=False)
-        hidden = out.hidden_states[-1]  # (N, T, H), after the final norm
-        del out  # drop the per-layer hidden states
         rows, cols = targets_mask.nonzero(as_tuple=True)  # (M,), (M,)
-        logits = _scale_logits(model, _output_layer(model)(hidden[rows, cols]))  # (M, V)
+        if forward == "padded":
+            out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1,
+                        output_hidden_states=True, use_cache=False)
+            states = out.hidden_states[-1][rows, cols]  # (M, H), after the final norm
+            del out  # drop the per-layer hidden states
+        elif forward == "packed":
+            states = packed_states(model, input_ids, attention_mask, rows, cols)  # (M, H)
+        else:
+            owner = response_mask.nonzero(as_tuple=True)[0].to(input_ids.device)  # (N,): prompt of each row
+            states = shared_prompt_states(model, input_ids, attention_mask, loss_mask, owner, rows, cols)  # (M, H)
+        logits = _scale_logits(model, _output_layer(model)(states))  # (M, V)
         token_logps = _token_logps(logits, input_ids[rows, cols + 1])  # (M,)
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, T, V)
@@ -320,8 +341,6 @@ def sequence_logps(model, batch: dict, *, average: bool = False, selective: bool
     if average:
         counts = targets_mask.sum(dim=-1).clamp(min=1).to(per_sequence.dtype)  # (N,)
         per_sequence = per_sequence / counts
-    if int(response_mask.sum()) != n:
-        raise ValueError(f"response_mask has {int(response_mask.sum())} responses but the batch has {n} rows")
     out_bk = torch.zeros(response_mask.shape, dtype=per_sequence.dtype, device=per_sequence.device)  # (B, K)
     return out_bk.masked_scatter(response_mask.to(out_bk.device), per_sequence)
 
@@ -342,15 +361,18 @@ def _reference_mode(model):
         inner.train(was_training)
 
 
-def reference_logps(model, batch: dict, *, reference_model=None, average: bool = False) -> torch.Tensor:
+def reference_logps(model, batch: dict, *, reference_model=None, average: bool = False,
+                    forward: str = "padded") -> torch.Tensor:
     """``log mu(y_i|x)`` ``(B, K)`` of the reference, without gradient, in eval mode (no dropout).
 
     The reference is ``reference_model`` when given; otherwise ``model`` with its PEFT adapters disabled (LoRA
     training: the frozen base is the reference). A model without adapters and no ``reference_model`` is used as is,
     which is right only before training starts (how :func:`compute_reference_logps` is meant to be called).
+    ``forward`` is the layout of :func:`sequence_logps`.
     """
     with torch.no_grad(), _reference_mode(reference_model if reference_model is not None else model):
-        return sequence_logps(reference_model if reference_model is not None else model, batch, average=average)
+        return sequence_logps(reference_model if reference_model is not None else model, batch, average=average,
+                              forward=forward)
 
 
 def _batches(dataset, collator, batch_size: int) -> Iterable[dict]:
@@ -367,6 +389,7 @@ def compute_reference_logps(
     reference_model=None,
     average: bool = False,
     column: str = "reference_logps",
+    forward: str = "padded",
 ):
     """Add a ``reference_logps`` column (list of K floats per row) to a tokenized dataset, in one pass.
 
@@ -379,7 +402,8 @@ def compute_reference_logps(
     for batch in _batches(dataset.remove_columns([c for c in (column,) if c in dataset.column_names]),
                           collator, batch_size):
         batch = {key: value.to(device) for key, value in batch.items()}
-        ref = reference_logps(model, batch, reference_model=reference_model, average=average)  # (B, K)
+        ref = reference_logps(model, batch, reference_model=reference_model, average=average,
+                              forward=forward)  # (B, K)
         for row, mask in zip(ref.cpu(), batch["response_mask"].cpu()):
             values.append(row[mask].tolist())
     if column in dataset.column_names:

@@ -63,6 +63,7 @@ from nca_kit.logps import (
     unwrap_model,
 )
 from nca_kit.losses import check_loss_type, preference_loss, reward_loss
+from nca_kit.packing import FORWARD_LAYOUTS
 
 __all__ = [
     "TrainConfig",
@@ -122,6 +123,7 @@ class TrainConfig:
     beta: float = 0.01  # App. C: implicit-reward scale beta = 0.01
     average_logps: bool = False  # paper: summed token log-probs; True = mean over response tokens
     reference: str = "cached"  # "cached": log mu computed once before training; "per_step": every step
+    logps_forward: str = "padded"  # "padded" / "packed" (no padding) / "shared_prompt" (prompt once per K responses)
 
     # --- optimisation
     learning_rate: float = 5e-6  # App. C: 5e-6
@@ -156,6 +158,8 @@ class TrainConfig:
             raise ValueError(f"data_kind must be one of {DATA_KINDS}, got {self.data_kind!r}")
         if self.reference not in REFERENCE_MODES:
             raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
+        if self.logps_forward not in FORWARD_LAYOUTS:
+            raise ValueError(f"logps_forward must be one of {FORWARD_LAYOUTS}, got {self.logps_forward!r}")
         if self.overflow not in ("error", "skip"):
             raise ValueError(f"overflow must be 'error' or 'skip', got {self.overflow!r}")
         for name in ("batch_size", "per_device_batch_size", "max_prompt_length", "max_length", "logging_steps"):
@@ -382,10 +386,13 @@ class NCATrainer(Trainer):
         pairwise: rows are pairs (chosen first).
         average_logps: mean instead of sum over response tokens.
         reference_model: a frozen reference; ``None`` = the policy with its adapters disabled.
+        logps_forward: layout of the policy and reference forwards (``forward`` of
+            :func:`nca_kit.logps.sequence_logps`).
     """
 
     def __init__(self, *args, loss_type: str = "nca", alpha: float = 0.01, beta: float = 0.01,
-                 pairwise: bool = False, average_logps: bool = False, reference_model=None, **kwargs):
+                 pairwise: bool = False, average_logps: bool = False, reference_model=None,
+                 logps_forward: str = "padded", **kwargs):
         super().__init__(*args, **kwargs)
         if self.args.remove_unused_columns:
             raise ValueError("NCATrainer needs TrainingArguments(remove_unused_columns=False)")
@@ -393,6 +400,7 @@ class NCATrainer(Trainer):
         self.loss_type, self.alpha, self.beta = loss_type, alpha, beta
         self.pairwise, self.average_logps = pairwise, average_logps
         self.reference_model = reference_model
+        self.logps_forward = logps_forward
         self.model_accepts_loss_kwargs = False  # the loss is a per-micro-batch mean: Trainer scales it for accumulation
         self._metric_sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
         self._computing_reference = False
@@ -407,10 +415,11 @@ class NCATrainer(Trainer):
                 and not self._computing_reference:
             raise ValueError("no reference: the batch has no cached reference_logps, the model has no adapters to "
                              "disable, and no reference_model was given (it would be the policy itself)")
-        return reference_logps(model, inputs, reference_model=self.reference_model, average=self.average_logps)
+        return reference_logps(model, inputs, reference_model=self.reference_model, average=self.average_logps,
+                               forward=self.logps_forward)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        policy = sequence_logps(model, inputs, average=self.average_logps)  # (B, K)
+        policy = sequence_logps(model, inputs, average=self.average_logps, forward=self.logps_forward)  # (B, K)
         reference = self.reference_logps(model, inputs).to(policy.dtype)  # (B, K)
         mask, rewards = inputs["response_mask"], inputs["rewards"]  # (B, K)
         if self.pairwise:
@@ -683,6 +692,7 @@ def build_trainer(config: TrainConfig, args: TrainingArguments, model, tokenizer
         pairwise=(kind == "pairwise"),
         average_logps=config.average_logps,
         reference_model=reference_model,
+        logps_forward=config.logps_forward,
     )
     if config.reference == "cached":
         trainer.train_dataset = trainer.precompute_reference_logps(tokenized, config.reference_batch_size)

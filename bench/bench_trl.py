@@ -1,0 +1,193 @@
+"""The kit's pairwise trainer side by side with TRL's ``DPOTrainer`` on the same HH-RLHF pairs.
+
+Both train the same tiny random Llama (SmolLM2's vocabulary and tokenizer, LoRA r = 16 on all projections, no
+dropout) in fp32 on the CPU, on the same token sequences, in the same order, with the same optimizer settings, and
+with reference log-probs computed once before training in both (TRL: ``precompute_ref_log_probs=True``; the kit:
+``NCATrainer.precompute_reference_logps``). Losses: pairwise NCA (TRL ``nca_pair``), DPO (``sigmoid``) and IPO
+(``ipo``; TRL divides each log-ratio by its completion's token count, so the kit runs IPO with
+``average_logps=True``, the same normalisation).
+
+Same tokens: TRL tokenizes the pairs (prompt = the chat-template text, completions end with EOS) and the kit trains
+on TRL's ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``; only pairs that fit ``--max-length`` untruncated are
+kept, so neither side's truncation rule matters.
+
+Each run is a fresh subprocess (its peak RSS is the run's); runs alternate kit, TRL, kit, TRL, ... ``--repeats``
+times per loss. Examples/s counts the steps after the first (timed between ``on_step_end`` events), and the losses
+of the first steps are compared.
+
+    python bench/bench_trl.py                      # nca, dpo, ipo; 3 alternating repeats each (~15 min, 2 CPUs)
+    python bench/bench_trl.py --losses nca --repeats 3 --json runs/trl.json
+
+TRL is an optional dependency (the ``bench`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+TRL_LOSS = {"nca": "nca_pair", "dpo": "sigmoid", "ipo": "ipo"}
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nca_kit.models import LoraSettings
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    return get_peft_model(model, LoraSettings(r=16, lora_alpha=16, lora_dropout=0.0).to_peft())
+
+
+def hh_pairs(tokenizer, n: int, max_length: int):
+    """The first ``n`` HH-RLHF harmless test pairs that fit ``max_length`` tokens untruncated, as TRL's plain-text
+    prompt / chosen / rejected (the prompt is the chat-template text with the generation prompt)."""
+    import datasets
+
+    from nca_kit.data import load_hh_rlhf
+
+    rows = []
+    for row in load_hh_rlhf(on_invalid="skip"):
+        prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        longest = max(len(tokenizer(row[k], add_special_tokens=False)["input_ids"]) for k in ("chosen", "rejected"))
+        if n_prompt + longest + 2 <= max_length:  # + EOS, + one token of slack for merges at the boundary
+            rows.append({"prompt": prompt, "chosen": row["chosen"], "rejected": row["rejected"]})
+        if len(rows) == n:
+            break
+    return datasets.Dataset.from_list(rows)
+
+
+class StepClock(TrainerCallback):
+    """Timestamps of ``on_step_end`` and the logged losses."""
+
+    def __init__(self):
+        self.times, self.losses = [], []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter())
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+
+
+def worker(which: str, loss: str, args) -> dict:
+    """One training run in this process; returns its timings, losses and peak RSS."""
+    from trl import DPOConfig, DPOTrainer
+
+    from bench_layouts import smollm2_tokenizer
+
+    torch.set_num_threads(args.threads)
+    tokenizer = smollm2_tokenizer()
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    pairs = hh_pairs(tokenizer, args.pairs, args.max_length)
+    model = tiny_llama(len(tokenizer))
+    common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=args.steps,
+                  learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, seed=0, logging_steps=1,
+                  report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no")
+    dpo_args = DPOConfig(**common, beta=0.1, loss_type=[TRL_LOSS[loss]], max_length=args.max_length,
+                         precompute_ref_log_probs=(which == "trl"))
+    clock = StepClock()
+    trl = DPOTrainer(model=model, args=dpo_args, train_dataset=pairs, processing_class=tokenizer, callbacks=[clock])
+    if which == "trl":
+        trainer = trl
+    else:
+        from transformers import TrainingArguments
+
+        from nca_kit.logps import RewardCollator
+        from nca_kit.training import NCATrainer, TrainConfig
+
+        tokenized = trl.train_dataset  # TRL's token ids, so both sides see identical sequences
+        records = tokenized.map(lambda r: {"prompt_input_ids": r["prompt_ids"],
+                                           "response_input_ids": [r["chosen_ids"], r["rejected_ids"]],
+                                           "rewards": [1.0, 0.0]},
+                                remove_columns=tokenized.column_names)
+        del trl
+        kit_args = TrainingArguments(**common, remove_unused_columns=False, train_sampling_strategy="random")
+        trainer = NCATrainer(model=model, args=kit_args, data_collator=RewardCollator(tokenizer.pad_token_id),
+                             train_dataset=records, callbacks=[clock], loss_type=loss, beta=0.1, pairwise=True,
+                             average_logps=(loss == "ipo"), logps_forward=args.kit_forward or TrainConfig.logps_forward)
+        trainer.train_dataset = trainer.precompute_reference_logps(records)
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    steps = clock.times
+    timed = steps[-1] - steps[0]  # the steps after the first
+    return {"which": which, "loss": loss, "examples_per_s": args.batch * (len(steps) - 1) / timed,
+            "train_wall_s": wall, "losses": clock.losses,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--losses", nargs="+", default=["nca", "dpo", "ipo"], choices=sorted(TRL_LOSS))
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per trainer and loss")
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4, help="pairs per step")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=384)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kit-forward", default=None, help="kit log-prob layout (default: TrainConfig's)")
+    parser.add_argument("--worker", nargs=2, metavar=("WHICH", "LOSS"), help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args)))
+        return {}
+
+    passthrough = [f"--pairs={args.pairs}", f"--batch={args.batch}", f"--steps={args.steps}",
+                   f"--max-length={args.max_length}", f"--threads={args.threads}"]
+    if args.kit_forward:
+        passthrough.append(f"--kit-forward={args.kit_forward}")
+    runs: dict = {}
+    for loss in args.losses:
+        for rep in range(args.repeats):
+            for which in ("kit", "trl") if rep % 2 == 0 else ("trl", "kit"):
+                out = subprocess.run([sys.executable, __file__, "--worker", which, loss, *passthrough],
+                                     capture_output=True, text=True)
+                if out.returncode:
+                    sys.exit(f"{which}/{loss} failed:\n{out.stderr[-3000:]}")
+                run = json.loads(out.stdout.strip().splitlines()[-1])
+                runs.setdefault(loss, {}).setdefault(which, []).append(run)
+                print(f"{loss:4s} {which:4s} run {rep + 1}: {run['examples_per_s']:.2f} examples/s, "
+                      f"peak RSS {run['peak_rss_gib']:.2f} GiB, first losses "
+                      f"{', '.join(f'{x:.6f}' for x in run['losses'][:3])}", flush=True)
+    print("\n| loss (TRL name) | kit / TRL examples/s (min / median) | kit / TRL peak RSS (median) | "
+          "max |loss diff|, first 3 steps |")
+    print("|---|---|---|---|")
+    summary = {}
+    for loss, by in runs.items():
+        speed = [k["examples_per_s"] / t["examples_per_s"] for k, t in zip(by["kit"], by["trl"])]
+        rss = statistics.median(k["peak_rss_gib"] for k in by["kit"]) / statistics.median(
+            t["peak_rss_gib"] for t in by["trl"])
+        diff = max(abs(a - b) for k, t in zip(by["kit"], by["trl"]) for a, b in zip(k["losses"][:3], t["losses"][:3]))
+        summary[loss] = {"speed_ratio_min": min(speed), "speed_ratio_median": statistics.median(speed),
+                         "rss_ratio": rss, "max_loss_diff_first_3": diff}
+        print(f"| {loss} ({TRL_LOSS[loss]}) | {min(speed):.2f}x / {statistics.median(speed):.2f}x | {rss:.2f}x | "
+              f"{diff:.1e} |", flush=True)
+    result = {"args": {k: v for k, v in vars(args).items() if k not in ("json", "worker")}, "runs": runs,
+              "summary": summary}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+r"""Two ways to run the ``N`` sequences of a collated batch through the transformer with less waste than padding.
+
+:func:`nca_kit.logps.sequence_logps` needs the final hidden state ``h_{t-1}`` of every position that predicts a
+response token. The plain layout pads every sequence to the longest one (``N x T`` tokens); the K responses of a
+prompt differ in length, so even a batch of one prompt is largely padding. The two layouts here give the same
+hidden states (same math, different matrix shapes, so equal up to float rounding):
+
+**packed** (:func:`packed_states`): the ``N`` sequences are placed end to end in a few rows of width ``C`` (by
+default the longest sequence, first-fit decreasing), with ``position_ids`` restarting at 0 for each sequence and no
+attention mask. ``transformers`` reads sequence boundaries from the restarting positions
+(``masking_utils.find_packed_sequence_indices``): the eager, sdpa and flex implementations get a block-diagonal
+causal mask, flash-attention-2 gets ``cu_seq_lens`` (variable-length kernels, no mask). Rotary embeddings use the
+restarted positions, so each sequence is computed as if alone. Rows of width ``C`` rather than one long row because
+the masked eager/sdpa kernels (CPU) compute the full square ``row_length^2`` of attention scores: a row no wider than
+the padded batch never costs more attention than padding did.
+
+**shared prompt** (:func:`shared_prompt_states`): the ``B`` prompts are encoded once, their keys/values are
+expanded over their ``K`` responses, and the responses run from that cache. Cost ``~ B*P + N*R`` tokens instead of
+``N*(P + R)``. Gradients flow through the cached keys/values into the prompt's computation, so the gradient equals
+that of the independent forward. The same two steps (:func:`encode_prefixes`, :func:`continue_from_prefixes`) score
+many follow-ups of one shared conversation.
+
+The cache used for that (:class:`PrefixCache`) never grows during a forward: it hands each layer ``prefix + new``
+keys/values without storing them (or, while encoding, keeps only the latest ones). So when gradient checkpointing
+replays a layer in the backward pass the layer sees exactly the same cache as in the forward pass; ``transformers``
+drops a cache under checkpointing unless the layer declares it safe, which :func:`_cache_safe_checkpointing` does for
+the duration of the call (checkpointing must be non-reentrant, the kit's default, for gradients to reach the prompt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+__all__ = [
+    "FORWARD_LAYOUTS",
+    "pack_sequences",
+    "packed_states",
+    "PrefixCache",
+    "EncodedPrefixes",
+    "encode_prefixes",
+    "continue_from_prefixes",
+    "shared_prompt_states",
+]
+
+FORWARD_LAYOUTS = ("padded", "packed", "shared_prompt")
+
+
+def _unwrap(model):
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _hidden(out) -> torch.Tensor:
+    return out.hidden_states[-1]  # (R, C, H): after the final norm
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def pack_sequences(lengths: list[int], capacity: int) -> tuple[list[int], list[int]]:
+    """First-fit decreasing: ``(row, offset)`` of each sequence in rows of at most ``capacity`` tokens.
+
+    Longest sequences first, each into the first row with room. ``capacity`` must be at least the longest length.
+    """
+    if capacity < max(lengths):
+        raise ValueError(f"capacity ({capacity}) must be >= the longest sequence ({max(lengths)})")
+    free: list[int] = []  # tokens used per row
+    row, offset = [0] * len(lengths), [0] * len(lengths)
+    for n in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, used in enumerate(free) if used + lengths[n] <= capacity), len(free))
+        if r == len(free):
+            free.append(0)
+        row[n], offset[n] = r, free[r]
+        free[r] += lengths[n]
+    return row, offset
+
+
+def packed_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+                  cols: torch.Tensor, *, capacity: int | None = None) -> torch.Tensor:
+    """Final hidden states ``(M, H)`` at positions ``(rows[m], cols[m])`` of a right-padded batch, computed packed.
+
+    Args:
+        input_ids, attention_mask: ``(N, T)``, right-padded (what :class:`nca_kit.logps.RewardCollator` makes).
+        rows, cols: ``(M,)`` positions wanted (inside each sequence).
+        capacity: tokens per packed row; ``None`` = the longest sequence. A large value packs everything into one row
+            (best with flash-attention's variable-length kernels, worst with a dense mask).
+
+    The packed input is ``(R, C)``; a row's unused tail is one more "sequence" (positions restarting at 0) whose
+    states are never read, so no attention mask is needed at all.
+    """
+    lengths = attention_mask.sum(-1)  # (N,)
+    column = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+    if bool((attention_mask.bool() != (column[None, :] < lengths[:, None])).any()):
+        raise ValueError("attention_mask: packing needs right-padded rows (real tokens first)")
+    length_list = lengths.tolist()
+    width = capacity or max(length_list)
+    row, offset = pack_sequences(length_list, width)
+    n_rows = max(row) + 1
+    device = input_ids.device
+    row_t = torch.tensor(row, device=device)  # (N,)
+    offset_t = torch.tensor(offset, device=device)  # (N,)
+    seq, pos = attention_mask.bool().nonzero(as_tuple=True)  # (S,), (S,): every real token
+    flat = row_t[seq] * width + offset_t[seq] + pos  # (S,): its place in the packed (R * C) layout
+    packed_ids = torch.zeros(n_rows * width, dtype=input_ids.dtype, device=device)  # (R * C,)
+    packed_ids[flat] = input_ids[seq, pos]
+    # tails: positions 0, 1, ... from the first free column, so that they form a sequence of their own
+    used = torch.zeros(n_rows, dtype=torch.long, device=device).index_add_(0, row_t, lengths)  # (R,)
+    slot = torch.arange(width, device=device)  # (C,)
+    positions = (slot[None, :] - used[:, None]).clamp(min=0)  # (R, C): tail positions
+    positions = positions.reshape(-1).index_put((flat,), pos).view(n_rows, width)  # (R, C)
+    out = model(input_ids=packed_ids.view(n_rows, width), position_ids=positions, logits_to_keep=1,
+                output_hidden_states=True, use_cache=False)
+    hidden = _hidden(out)  # (R, C, H)
+    return hidden.reshape(n_rows * width, -1)[row_t[rows] * width + offset_t[rows] + cols]  # (M, H)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shared prefixes
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class PrefixCache(DynamicCache):
+    """A key/value cache that does not grow during a forward pass.
+
+    Built from ``prefix`` (per layer ``(keys, values)``, each ``(N, heads, P, head_dim)``), :meth:`update` returns
+    ``prefix ++ new`` for a layer without storing it. Built empty, it records: :meth:`update` keeps the latest
+    keys/values of each layer (replacing, not appending) and returns them unchanged. Both make a repeated call of a
+    layer (gradient checkpointing's replay) see the same cache as the first call.
+    """
+
+    def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+        super().__init__(prefix)
+        self.recording = prefix is None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.recording:
+            while len(self.layers) <= layer_idx:
+                self.layers.append(self.layer_class_to_replicate())
+            layer = self.layers[layer_idx]
+            if not layer.is_initialized:
+                layer.lazy_initialization(key_states, value_states)
+            layer.keys, layer.values = key_states, value_states
+            return key_states, value_states
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+    def keys_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(layer.keys, layer.values) for layer in self.layers]
+
+
+def _cache_argument(model) -> str:
+    """The forward's name for the key/value cache: ``cache`` (recent transformers) or ``past_key_values``."""
+    base = _unwrap(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+@contextlib.contextmanager
+def _cache_safe_checkpointing(model):
+    """Let checkpointed decoder layers keep a :class:`PrefixCache` (its replay reads the same states)."""
+    layers = [m for m in _unwrap(model).modules() if getattr(m, "gradient_checkpointing", False)
+              and hasattr(m, "_can_checkpoint_with_cache")]
+    before = [m.__dict__.get("_can_checkpoint_with_cache") for m in layers]
+    for m in layers:
+        m._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, before):
+            if value is None:
+                del m._can_checkpoint_with_cache
+            else:
+                m._can_checkpoint_with_cache = value
+
+
+@dataclass
+class EncodedPrefixes:
+    """What :func:`encode_prefixes` returns for ``B`` right-padded prefixes."""
+
+    keys_values: list  # per layer (keys, values), each (B, heads, P, head_dim)
+    mask: torch.Tensor  # (B, P): 1 on real prefix tokens
+    lengths: torch.Tensor  # (B,)
+    last: torch.Tensor  # (B, H): final hidden state at each prefix's last token (predicts the first continuation token)
+
+
+def encode_prefixes(model, ids: torch.Tensor, mask: torch.Tensor) -> EncodedPrefixes:
+    """One forward over ``B`` right-padded prefixes ``ids``/``mask`` ``(B, P)``, keeping every layer's keys/values.
+
+    Right padding: no query row is fully masked, so no NaN can reach the gradient. No ``torch.no_grad`` inside.
+    """
+    cache = PrefixCache()
+    with _cache_safe_checkpointing(model):
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                    output_hidden_states=True, **{_cache_argument(model): cache})
+    lengths = mask.sum(-1)  # (B,)
+    last = _hidden(out)[torch.arange(ids.shape[0], device=ids.device), lengths - 1]  # (B, H)
+    return EncodedPrefixes(cache.keys_values(), mask, lengths, last)
+
+
+def continue_from_prefixes(model, prefix: EncodedPrefixes, owner: torch.Tensor, ids: torch.Tensor,
+                           mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states ``(N, T, H)`` of ``N`` right-padded continuations ``ids``/``mask`` ``(N, T)``;
+    continuation ``n`` follows prefix ``owner[n]``.
+
+    The prefix keys/values are expanded over the continuations (a view when there is one prefix, else an
+    index-select); positions continue from each prefix's length; the attention mask is ``[prefix mask, mask]``.
+    """
+    n = ids.shape[0]
+    if prefix.mask.shape[0] == 1:
+        rows = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix.keys_values]
+    else:
+        rows = [(k[owner], v[owner]) for k, v in prefix.keys_values]
+    positions = prefix.lengths[owner, None] + torch.arange(ids.shape[1], device=ids.device)  # (N, T)
+    with _cache_safe_checkpointing(model):
+        out = model(input_ids=ids, attention_mask=torch.cat([prefix.mask[owner], mask], dim=1),  # (N, P + T)
+                    position_ids=positions, use_cache=True, logits_to_keep=1, output_hidden_states=True,
+                    **{_cache_argument(model): PrefixCache(rows)})
+    return _hidden(out)  # (N, T, H)
+
+
+def shared_prompt_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                         owner: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Final hidden states ``(M, H)`` at positions ``(rows[m], cols[m])`` of a collated batch, each prompt encoded once.
+
+    Args:
+        input_ids, attention_mask, loss_mask: ``(N, T)`` right-padded prompt + response rows; the prompt of a row is
+            everything before its first ``loss_mask`` token, and rows with the same ``owner`` share it.
+        owner: ``(N,)`` prompt index ``b`` of each row (``0 .. B-1``, rows of a prompt consecutive).
+        rows, cols: ``(M,)`` wanted positions; each must be at or after the prompt's last token.
+    """
+    device = input_ids.device
+    prompt_len = loss_mask.int().argmax(-1)  # (N,): first response token = prompt length
+    seq_len = attention_mask.sum(-1)  # (N,)
+    b = int(owner.max()) + 1
+    first = torch.full((b,), input_ids.shape[0], dtype=torch.long, device=device).scatter_reduce(
+        0, owner, torch.arange(owner.shape[0], device=device), reduce="amin")  # (B,): first row of each prompt
+    p_len = prompt_len[first]  # (B,)
+    width = int(p_len.max())
+    column = torch.arange(width, device=device)  # (P,)
+    p_mask = (column[None, :] < p_len[:, None]).long()  # (B, P)
+    p_ids = input_ids[first, :width] * p_mask  # (B, P)
+    r_len = seq_len - prompt_len  # (N,)
+    r_width = int(r_len.max())
+    r_cols = (prompt_len[:, None] + torch.arange(r_width, device=device)).clamp(max=input_ids.shape[1] - 1)  # (N, R)
+    r_mask = (torch.arange(r_width, device=device)[None, :] < r_len[:, None]).long()  # (N, R)
+    r_ids = input_ids.gather(1, r_cols) * r_mask  # (N, R)
+    prefix = encode_prefixes(model, p_ids, p_mask)
+    hidden = continue_from_prefixes(model, prefix, owner, r_ids, r_mask)  # (N, R, H)
+    # position t of row n: t = prompt_len - 1 is the prompt's last token, t >= prompt_len is response token t - P
+    local = cols - prompt_len[rows]  # (M,): -1 for the prompt's last token
+    if bool((local < -1).any()):
+        raise ValueError("shared_prompt_states: a wanted position lies inside the prompt")
+    states = hidden[rows, local.clamp(min=0)]  # (M, H)
+    return torch.where((local < 0)[:, None], prefix.last[owner[rows]], states)  # (M, H)

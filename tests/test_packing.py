@@ -1,0 +1,187 @@
+"""Padding-free packing and the shared-prompt forward: same log-probs and gradients as the padded batch."""
+
+import datasets
+import pytest
+import torch
+
+from nca_kit.logps import RewardCollator, compute_reference_logps, sequence_logps, tokenize_reward_dataset
+from nca_kit.models import LoraSettings, tiny_model, tiny_tokenizer
+from nca_kit.packing import pack_sequences, packed_states
+
+LAYOUTS = ["packed", "shared_prompt"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def msgs(text):
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tokenized(tok):
+    rows = [  # K = 3, 2, 4 and prompts of different lengths: mixed K in one batch
+        {"prompt": msgs("What is two plus two?"), "responses": ["Four.", "Five, I think.", "Two"],
+         "rewards": [1.0, 0.2, 0.0]},
+        {"prompt": msgs("Write a short poem about the sea, please, in four lines."),
+         "responses": ["The sea is wide and blue, and deep.", "No."], "rewards": [3.0, 1.0]},
+        {"prompt": msgs("hello"), "responses": ["hello there, how are you?", "yes", "maybe", "sorry"],
+         "rewards": [4.0, 1.0, 2.0, 0.5]},
+    ]
+    return tokenize_reward_dataset(datasets.Dataset.from_list(rows), tok, max_prompt_length=64, max_length=128)
+
+
+@pytest.fixture(scope="module")
+def batch(tok, tokenized):
+    return RewardCollator(tok.pad_token_id)([tokenized[i] for i in range(len(tokenized))])
+
+
+def sharp_model(arch="mistral", attn="eager", seed=0, lora=True):
+    """Tiny model whose attention matters: larger random weights (the default init barely mixes tokens), and LoRA
+    adapters with non-zero B so the adapters change the output."""
+    model = tiny_model(arch, seed=seed)
+    model.config._attn_implementation = attn
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    if not lora:
+        return model
+    from peft import get_peft_model
+
+    model = get_peft_model(model, LoraSettings(lora_dropout=0.0).to_peft())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_first_fit_decreasing_places_every_sequence_once_within_capacity():
+    lengths = [7, 3, 9, 2, 5, 5, 1]
+    row, offset = pack_sequences(lengths, 9)
+    spans = {}
+    for n, (r, o) in enumerate(zip(row, offset)):
+        assert o + lengths[n] <= 9
+        spans.setdefault(r, []).append((o, o + lengths[n]))
+    for r, s in spans.items():
+        s.sort()
+        assert all(a[1] <= b[0] for a, b in zip(s, s[1:])), f"row {r} overlaps: {s}"
+    assert max(row) + 1 == 4  # 32 tokens in rows of 9: 4 rows is the fewest
+    with pytest.raises(ValueError, match="capacity"):
+        pack_sequences(lengths, 8)
+
+
+def test_the_model_is_context_sensitive(batch):
+    """Guards the tests below: a layout that leaked attention across sequences would move log-probs by >> 1e-5."""
+    model = sharp_model()
+    ids = batch["input_ids"].clone()
+    ids[:, 1] = (ids[:, 1] + 1) % 100 + 3  # change one prompt token
+    moved = sequence_logps(model, dict(batch, input_ids=ids)) - sequence_logps(model, batch)
+    assert moved[batch["response_mask"]].abs().min() > 1e-3
+    # the same tokens end to end in one row without restarting positions: attention crosses sequences
+    real = batch["attention_mask"].bool()
+    rows, cols = batch["loss_mask"][:, 1:].nonzero(as_tuple=True)
+    flat = (real.sum(-1).cumsum(0) - real.sum(-1))[rows] + cols  # where each wanted position lands in the row
+    leaky = model(input_ids=batch["input_ids"][real][None], output_hidden_states=True).hidden_states[-1][0, flat]
+    packed = packed_states(model, batch["input_ids"], batch["attention_mask"], rows, cols, capacity=10_000)
+    assert (leaky - packed).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("arch,attn", [("mistral", "eager"), ("llama", "sdpa"), ("mistral", "sdpa")])
+@pytest.mark.parametrize("average", [False, True])
+def test_layouts_give_the_padded_logps(layout, arch, attn, average, batch):
+    model = sharp_model(arch, attn)
+    padded = sequence_logps(model, batch, average=average)  # (B, K)
+    other = sequence_logps(model, batch, average=average, forward=layout)
+    assert other.shape == padded.shape
+    torch.testing.assert_close(other, padded, atol=1e-5, rtol=0)
+    assert (other[~batch["response_mask"]] == 0).all()
+
+
+@pytest.mark.parametrize("capacity", [None, 10_000])
+def test_packing_into_one_row_or_several(capacity, batch):
+    model = sharp_model("llama", "sdpa")
+    rows, cols = batch["loss_mask"][:, 1:].nonzero(as_tuple=True)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    expected = out.hidden_states[-1][rows, cols]
+    got = packed_states(model, batch["input_ids"], batch["attention_mask"], rows, cols, capacity=capacity)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _grads(model, batch, layout):
+    model.zero_grad(set_to_none=True)
+    logps = sequence_logps(model, batch, forward=layout)
+    (logps * torch.linspace(-1, 1, logps.numel()).view_as(logps)).sum().backward()  # weights differ per response
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return logps.detach(), grads
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("lora", [True, False])
+def test_layouts_give_the_padded_gradients(layout, checkpointing, lora, batch):
+    model = sharp_model("mistral", "sdpa", lora=lora)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    padded, expected = _grads(model, batch, "padded")
+    logps, grads = _grads(model, batch, layout)
+    torch.testing.assert_close(logps, padded, atol=1e-5, rtol=0)
+    assert grads.keys() == expected.keys() and len(grads) > 0
+    for name, g in grads.items():
+        torch.testing.assert_close(g, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+    if lora:  # the prompt's computation gets gradient through the shared keys/values: lora_A of k/v projections
+        assert all(float(g.abs().sum()) > 0 for n, g in grads.items() if "lora_A" in n)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cached_reference_with_each_layout(layout, tok, tokenized):
+    model = sharp_model("llama", "sdpa", seed=2)
+    collate = RewardCollator(tok.pad_token_id)
+    padded = compute_reference_logps(model, tokenized, collate, batch_size=2)
+    other = compute_reference_logps(model, tokenized, collate, batch_size=2, forward=layout)
+    for a, b in zip(padded["reference_logps"], other["reference_logps"]):
+        assert b == pytest.approx(a, abs=1e-5)
+
+
+def test_layout_is_validated(batch):
+    model = sharp_model(lora=False)
+    with pytest.raises(ValueError, match="forward must be one of"):
+        sequence_logps(model, batch, forward="ragged")
+    with pytest.raises(ValueError, match="selective=False"):
+        sequence_logps(model, batch, forward="packed", selective=False)
+    left = dict(batch, attention_mask=batch["attention_mask"].flip(-1))
+    with pytest.raises(ValueError, match="right-padded"):
+        sequence_logps(model, left, forward="packed")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_trainer_loss_is_the_same_with_each_layout(layout, tok, tokenized, tmp_path):
+    from transformers import TrainingArguments
+
+    from nca_kit.training import NCATrainer, TrainConfig
+
+    with pytest.raises(ValueError, match="logps_forward"):
+        TrainConfig(logps_forward="ragged")
+    model = sharp_model("llama", "sdpa", seed=3)
+    args = TrainingArguments(output_dir=str(tmp_path), remove_unused_columns=False, use_cpu=True, report_to="none")
+    batch = RewardCollator(tok.pad_token_id)([tokenized[i] for i in range(len(tokenized))])
+    losses = {}
+    for name in ("padded", layout):
+        trainer = NCATrainer(model=model, args=args, loss_type="nca", logps_forward=name)
+        losses[name] = float(trainer.compute_loss(model, batch))  # per-step reference: adapters disabled
+    assert losses[layout] == pytest.approx(losses["padded"], abs=1e-6)
