@@ -35,7 +35,7 @@ test-fast: setup
 
 lab: setup
 	$(PY) -m pip install --quiet jupyterlab
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: setup
 	$(PY) bench/bench_train.py
