@@ -455,7 +455,10 @@ class NCATrainer(Trainer):
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):  # its order must not hang on the global RNG (see the class)
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            sampler = EpochLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, seed=seed)
+            # grouped by the global batch of an optimizer step (the Trainer's uses one process's share), so the
+            # order, and every step's prompts, are the same whatever the number of processes
+            step_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            sampler = EpochLengthGroupedSampler(step_batch, lengths=sampler.lengths, seed=seed)
         return sampler
 
     # -- cached reference through Trainer.predict (sharded over processes, gathered in order, cached per chunk) ------
@@ -510,6 +513,7 @@ class NCATrainer(Trainer):
                     cache.array("reference_logps", settings, lambda: stored)
             values[start : start + len(part), : stored.shape[1]] = stored
         self.accelerator.wait_for_everyone()
+        self._forget_evaluation_preparation()
         mask = np.arange(values.shape[1])[None, :] < counts[:, None]  # (N, K_max): real responses
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
         column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[mask], type=pa.float32()))
@@ -534,6 +538,15 @@ class NCATrainer(Trainer):
         ordered = np.empty_like(output.predictions, dtype=np.float32)  # (n, K_max)
         ordered[rows] = output.predictions
         return ordered
+
+    def _forget_evaluation_preparation(self) -> None:
+        """``Trainer.predict`` before ``train`` has accelerate prepare the model for evaluation: marked prepared but
+        not wrapped in ``DistributedDataParallel``. ``train`` would then skip the wrapper and every process would
+        step on its own gradients. Dropping the mark lets ``train`` prepare (and wrap) the model as usual."""
+        model = self.model
+        if self.model_wrapped is model and getattr(model, "_is_accelerate_prepared", False):
+            del model._is_accelerate_prepared
+            self.accelerator._models[:] = [m for m in self.accelerator._models if m is not model]
 
     def _reference_identity(self) -> dict:
         """What the cached reference depends on besides the tokens: a fingerprint of the reference weights (their
@@ -562,13 +575,15 @@ class NCATrainer(Trainer):
 
 
 class EpochLengthGroupedSampler(LengthGroupedSampler):
-    """Length-grouped order drawn from its own generator seeded with ``seed + epoch``.
+    """Length-grouped order drawn from its own generator seeded with ``seed + epoch``; ``batch_size`` is the global
+    batch of one optimizer step (all processes x accumulation).
 
     The Trainer's ``LengthGroupedSampler`` draws from the global RNG when its iterator starts; a run resumed in a
     later epoch restores that RNG only after the iterator has started, so it replays another order than the
     uninterrupted run. Here the order of epoch ``e`` is a function of ``(seed, e)`` alone: the Trainer (through
     accelerate's data loader) calls :meth:`set_epoch` before every epoch, also when resuming, and every process
-    draws the same order.
+    draws the same order. accelerate then deals consecutive per-device batches of it to the processes, so a step
+    trains on the same prompts with 1 or N processes.
     """
 
     def __init__(self, batch_size: int, lengths: list[int], seed: int = 0):
@@ -687,9 +702,11 @@ class TrainResult:
 
 
 def _world_size() -> int:
+    """Processes of this run. The shared state is created with the Trainer's own device choice: created without
+    ``cpu=True`` on a machine without CUDA it would ignore a ``torchrun`` group (every process training alone)."""
     from accelerate import PartialState
 
-    return PartialState().num_processes
+    return PartialState(cpu=not torch.cuda.is_available()).num_processes
 
 
 def _use_bf16(config: TrainConfig) -> bool:
