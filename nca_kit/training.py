@@ -399,6 +399,8 @@ class NCATrainer(Trainer):
         self.model_accepts_loss_kwargs = False  # the loss is a per-micro-batch mean: Trainer scales it for accumulation
         self._metric_sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
         self._computing_reference = False
+        self._grouped_sampler: EpochLengthGroupedSampler | None = None
+        self.add_callback(_SamplerEpoch(self))
 
     # -- loss -------------------------------------------------------------------------------------------------------
 
@@ -458,7 +460,7 @@ class NCATrainer(Trainer):
             # grouped by the global batch of an optimizer step (the Trainer's uses one process's share), so the
             # order, and every step's prompts, are the same whatever the number of processes
             step_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-            sampler = EpochLengthGroupedSampler(step_batch, lengths=sampler.lengths, seed=seed)
+            sampler = self._grouped_sampler = EpochLengthGroupedSampler(step_batch, lengths=sampler.lengths, seed=seed)
         return sampler
 
     # -- cached reference through Trainer.predict (sharded over processes, gathered in order, cached per chunk) ------
@@ -596,6 +598,18 @@ class EpochLengthGroupedSampler(LengthGroupedSampler):
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+class _SamplerEpoch(TrainerCallback):
+    """Tells the trainer's length-grouped sampler which epoch begins. accelerate's ``set_epoch`` does not reach it
+    when a resumed run skips the first batches of a data loader sharded over processes."""
+
+    def __init__(self, trainer: "NCATrainer"):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.trainer._grouped_sampler is not None:
+            self.trainer._grouped_sampler.set_epoch(int(state.epoch + 1e-6))  # resumed: e.g. 1.33 -> epoch 1
 
 
 def _response_counts(dataset) -> np.ndarray:
