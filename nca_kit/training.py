@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -50,8 +51,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from nca_kit.data import load_training_dataset
 from nca_kit.data.loaders import DATA_KINDS
@@ -146,6 +151,7 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None  # a checkpoint folder, or "latest" for the newest in output_dir
     group_by_length: bool = True  # batch prompts of similar token count (less padding)
     reference_batch_size: int | None = None  # prompts per forward when caching log mu; None = per_device_batch_size
+    reference_chunk_rows: int = 2048  # prompts per cached chunk of log mu (an interrupted pass resumes by chunk)
     dataloader_num_workers: int = 0
     report_to: str = "none"  # "wandb", "tensorboard", ... (Trainer integrations)
     disable_tqdm: bool = False
@@ -162,7 +168,8 @@ class TrainConfig:
             raise ValueError(f"logps_forward must be one of {FORWARD_LAYOUTS}, got {self.logps_forward!r}")
         if self.overflow not in ("error", "skip"):
             raise ValueError(f"overflow must be 'error' or 'skip', got {self.overflow!r}")
-        for name in ("batch_size", "per_device_batch_size", "max_prompt_length", "max_length", "logging_steps"):
+        for name in ("batch_size", "per_device_batch_size", "max_prompt_length", "max_length", "logging_steps",
+                     "reference_chunk_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.on_invalid not in ("raise", "skip"):
@@ -404,6 +411,8 @@ class NCATrainer(Trainer):
         self.model_accepts_loss_kwargs = False  # the loss is a per-micro-batch mean: Trainer scales it for accumulation
         self._metric_sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
         self._computing_reference = False
+        self._grouped_sampler: EpochLengthGroupedSampler | None = None
+        self.add_callback(_SamplerEpoch(self))
 
     # -- loss -------------------------------------------------------------------------------------------------------
 
@@ -455,7 +464,19 @@ class NCATrainer(Trainer):
             self._metric_sums.clear()
         super().log(logs, start_time)
 
-    # -- cached reference through Trainer.predict (sharded over processes, gathered in order) ---------------------
+    # -- length grouping that a checkpoint can restore ------------------------------------------------------------
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):  # its order must not hang on the global RNG (see the class)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            # grouped by the global batch of an optimizer step (the Trainer's uses one process's share), so the
+            # order, and every step's prompts, are the same whatever the number of processes
+            step_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            sampler = self._grouped_sampler = EpochLengthGroupedSampler(step_batch, lengths=sampler.lengths, seed=seed)
+        return sampler
+
+    # -- cached reference through Trainer.predict (sharded over processes, gathered in order, cached per chunk) ------
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if not self._computing_reference:
@@ -466,37 +487,161 @@ class NCATrainer(Trainer):
             ref = self.reference_logps(model, inputs)  # (B, K)
         return None, ref.float(), inputs["row_index"]  # row indices come back as "labels": order-proof
 
-    def precompute_reference_logps(self, dataset, batch_size: int | None = None):
+    def precompute_reference_logps(self, dataset, batch_size: int | None = None, cache_dir=None,
+                                   chunk_rows: int = 2048):
         """``dataset`` with a ``reference_logps`` column (K floats per row), computed once with ``Trainer.predict``.
 
-        Same numbers as the per-step reference (same precision and autocast); several processes share the work.
+        Same numbers as the per-step reference (same precision and autocast). The rows go through in chunks of
+        ``chunk_rows`` prompts; within a chunk every process takes its share of the batches (a prompt's K responses
+        stay together) and the results are gathered back in row order. With ``cache_dir`` the main process stores
+        each finished chunk there (:class:`nca_kit.cache.Cache`, keyed by the chunk's token ids and a fingerprint
+        of the reference weights), so an interrupted pass restarts at the first missing chunk and a rerun reads
+        everything back. Memory holds one chunk's predictions and the final ``(N, K)`` float32 array.
         """
+        from accelerate.utils import broadcast_object_list
+        from tqdm.auto import tqdm
+
+        from nca_kit.cache import Cache
+
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows!r}")
         if "reference_logps" in dataset.column_names:
             dataset = dataset.remove_columns("reference_logps")
+        counts = _response_counts(dataset)  # (N,)
+        values = np.zeros((len(dataset), int(counts.max(initial=0))), dtype=np.float32)  # (N, K_max)
+        cache = Cache(cache_dir) if cache_dir is not None else None
+        identity = self._reference_identity() if cache is not None else None
+        main = self.accelerator.is_main_process
+        chunks = range(0, len(dataset), chunk_rows)
+        for start in tqdm(chunks, desc="reference log-probs", unit="chunk", disable=self.args.disable_tqdm or
+                          not main or len(chunks) < 2):
+            part = dataset.select(range(start, min(start + chunk_rows, len(dataset))))
+            settings = stored = None
+            if cache is not None:
+                settings = {**identity, "rows": [start, start + len(part)], "tokens": _token_digest(part)}
+                if main and cache.has("reference_logps", settings, "npy"):
+                    stored = np.load(cache.path("reference_logps", settings, "npy"))
+                stored = broadcast_object_list([stored])[0]  # every process follows the main one's cache
+            if stored is None:
+                stored = self._predict_reference(part, batch_size)
+                if cache is not None and main:
+                    cache.array("reference_logps", settings, lambda: stored)
+            values[start : start + len(part), : stored.shape[1]] = stored
+        self.accelerator.wait_for_everyone()
+        self._forget_evaluation_preparation()
+        mask = np.arange(values.shape[1])[None, :] < counts[:, None]  # (N, K_max): real responses
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[mask], type=pa.float32()))
+        return dataset.add_column("reference_logps", column)
+
+    def _predict_reference(self, part, batch_size: int | None) -> np.ndarray:
+        """``(n, K_max)`` float32 reference log-probs of the rows of ``part``, in row order (padding: -100)."""
         old_bs, old_loss_only = self.args.per_device_eval_batch_size, self.args.prediction_loss_only
         self.args.per_device_eval_batch_size = batch_size or self.args.per_device_train_batch_size
         self.args.prediction_loss_only = False
         self._computing_reference = True
         try:
             with torch.random.fork_rng(devices=self._rng_devices()):  # training randomness stays as if never run
-                output = self.predict(dataset.add_column("row_index", list(range(len(dataset)))),
+                output = self.predict(part.add_column("row_index", np.arange(len(part))),
                                       metric_key_prefix="reference")
         finally:
             self._computing_reference = False
             self.args.per_device_eval_batch_size, self.args.prediction_loss_only = old_bs, old_loss_only
-        predictions = output.predictions  # (n, K_max), padded with -100 beyond each row's K; any row order
-        rows = [int(i) for i in output.label_ids]  # (n,): which dataset row each prediction belongs to
-        if sorted(rows) != list(range(len(dataset))):
-            raise RuntimeError(f"reference pass returned rows {sorted(rows)[:10]}... for a dataset of {len(dataset)}")
-        by_row = {row: predictions[n] for n, row in enumerate(rows)}
-        values = [[float(v) for v in by_row[i][: len(k)]] for i, k in enumerate(dataset["rewards"])]
-        return dataset.add_column("reference_logps", values)
+        rows = np.asarray(output.label_ids).reshape(-1)  # (n,): which row each prediction belongs to, any order
+        if not np.array_equal(np.sort(rows), np.arange(len(part))):
+            raise RuntimeError(f"reference pass returned rows {np.sort(rows)[:10]}... for {len(part)} rows")
+        ordered = np.empty_like(output.predictions, dtype=np.float32)  # (n, K_max)
+        ordered[rows] = output.predictions
+        return ordered
 
+    def _forget_evaluation_preparation(self) -> None:
+        """``Trainer.predict`` before ``train`` has accelerate prepare the model for evaluation: marked prepared but
+        not wrapped in ``DistributedDataParallel``. ``train`` would then skip the wrapper and every process would
+        step on its own gradients. Dropping the mark lets ``train`` prepare (and wrap) the model as usual."""
+        model = self.model
+        if self.model_wrapped is model and getattr(model, "_is_accelerate_prepared", False):
+            del model._is_accelerate_prepared
+            self.accelerator._models[:] = [m for m in self.accelerator._models if m is not model]
+
+    def _reference_identity(self) -> dict:
+        """What the cached reference depends on besides the tokens: a fingerprint of the reference weights (their
+        sums; LoRA weights excluded: disabled for the reference), the precision, and the averaging. Taken on the
+        main process and shared, so every process reads the same cache entries."""
+        from accelerate.utils import broadcast_object_list
+
+        identity = None
+        if self.accelerator.is_main_process:
+            model = self.reference_model if self.reference_model is not None else unwrap_model(self.model)
+            digest = hashlib.sha256()
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_" not in name:
+                        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{float(p.detach().float().sum()):.9e}"
+                                      .encode())
+            identity = {"weights": digest.hexdigest()[:16], "model": type(model).__name__,
+                        "average_logps": self.average_logps, "bf16": bool(self.args.bf16),
+                        "fp16": bool(self.args.fp16)}
+        return broadcast_object_list([identity])[0]
 
     def _rng_devices(self) -> list:
         if self.args.device.type == "cuda":
             return [self.args.device]
         return []
+
+
+class EpochLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped order drawn from its own generator seeded with ``seed + epoch``; ``batch_size`` is the global
+    batch of one optimizer step (all processes x accumulation).
+
+    The Trainer's ``LengthGroupedSampler`` draws from the global RNG when its iterator starts; a run resumed in a
+    later epoch restores that RNG only after the iterator has started, so it replays another order than the
+    uninterrupted run. Here the order of epoch ``e`` is a function of ``(seed, e)`` alone: the Trainer (through
+    accelerate's data loader) calls :meth:`set_epoch` before every epoch, also when resuming, and every process
+    draws the same order. accelerate then deals consecutive per-device batches of it to the processes, so a step
+    trains on the same prompts with 1 or N processes.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int = 0):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+class _SamplerEpoch(TrainerCallback):
+    """Tells the trainer's length-grouped sampler which epoch begins. accelerate's ``set_epoch`` does not reach it
+    when a resumed run skips the first batches of a data loader sharded over processes."""
+
+    def __init__(self, trainer: "NCATrainer"):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.trainer._grouped_sampler is not None:
+            self.trainer._grouped_sampler.set_epoch(int(state.epoch + 1e-6))  # resumed: e.g. 1.33 -> epoch 1
+
+
+def _response_counts(dataset) -> np.ndarray:
+    """``(N,)`` number of responses of each tokenized row, read from Arrow without building Python lists."""
+    table = dataset.select_columns(["response_input_ids"]).with_format("arrow")[:]
+    return pc.list_value_length(table.column(0)).to_numpy().astype(np.int64)
+
+
+def _token_digest(dataset) -> str:
+    """Hash of the token ids of a tokenized dataset (prompts and responses, with their lengths)."""
+    digest = hashlib.sha256()
+    table = dataset.select_columns(["prompt_input_ids", "response_input_ids"]).with_format("arrow")[:]
+    for column in table.columns:
+        array = column.combine_chunks()
+        while pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+            digest.update(pc.list_value_length(array).to_numpy(zero_copy_only=False).tobytes())
+            array = pc.list_flatten(array)
+        digest.update(array.to_numpy(zero_copy_only=False).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _metric_order(name: str):
@@ -584,9 +729,11 @@ class TrainResult:
 
 
 def _world_size() -> int:
+    """Processes of this run. The shared state is created with the Trainer's own device choice: created without
+    ``cpu=True`` on a machine without CUDA it would ignore a ``torchrun`` group (every process training alone)."""
     from accelerate import PartialState
 
-    return PartialState().num_processes
+    return PartialState(cpu=not torch.cuda.is_available()).num_processes
 
 
 def _use_bf16(config: TrainConfig) -> bool:
@@ -633,10 +780,19 @@ def build_training_arguments(config: TrainConfig) -> TrainingArguments:
     )
 
 
-def _latest_checkpoint(output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def _checkpoints(output_dir) -> tuple[list[Path], list[Path]]:
+    """``(complete, partial)`` ``checkpoint-N`` folders of ``output_dir``, by step. Complete = holds
+    ``trainer_state.json``, which the Trainer writes last: a save cut short (SIGTERM, full disk) has none."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    found = []
+    if os.path.isdir(output_dir):
+        for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+            if path.is_dir() and path.name.split("-")[-1].isdigit():
+                found.append((int(path.name.split("-")[-1]), path))
+    found = [path for _, path in sorted(found)]
+    return ([p for p in found if (p / "trainer_state.json").is_file()],
+            [p for p in found if not (p / "trainer_state.json").is_file()])
 
 
 def prepare_model(config: TrainConfig, model=None, tokenizer=None):
@@ -695,18 +851,38 @@ def build_trainer(config: TrainConfig, args: TrainingArguments, model, tokenizer
         logps_forward=config.logps_forward,
     )
     if config.reference == "cached":
-        trainer.train_dataset = trainer.precompute_reference_logps(tokenized, config.reference_batch_size)
+        trainer.train_dataset = trainer.precompute_reference_logps(tokenized, config.reference_batch_size,
+                                                                   cache_dir=output_dir / "reference_logps",
+                                                                   chunk_rows=config.reference_chunk_rows)
     return trainer
 
 
 def _resume_checkpoint(config: TrainConfig) -> str | None:
+    """The checkpoint to resume from: ``resume_from_checkpoint`` itself, or for ``"latest"`` the newest *complete*
+    checkpoint of ``output_dir`` (newer incomplete ones are skipped with a warning naming them). ``"latest"`` on a
+    folder that holds a run but no complete checkpoint is an error: training would start over and overwrite it."""
     resume = config.resume_from_checkpoint
-    if resume == "latest":
-        resume = _latest_checkpoint(config.output_dir)
-        if resume is None:
-            warnings.warn(f"resume_from_checkpoint='latest' but {config.output_dir} has no checkpoint; starting fresh",
-                          stacklevel=3)
-    return resume
+    if resume is None:
+        return None
+    if resume != "latest":
+        if not (Path(resume) / "trainer_state.json").is_file():
+            raise ValueError(f"resume_from_checkpoint={resume!r} is not a complete checkpoint (no trainer_state.json)")
+        return resume
+    complete, partial = _checkpoints(config.output_dir)
+    newest = int(complete[-1].name.split("-")[-1]) if complete else -1
+    skipped = [p.name for p in partial if int(p.name.split("-")[-1]) > newest]
+    if skipped:
+        warnings.warn(f"resume_from_checkpoint='latest': skipping incomplete {', '.join(skipped)} in "
+                      f"{config.output_dir} (no trainer_state.json: the save was interrupted)", stacklevel=3)
+    if complete:
+        return str(complete[-1])
+    output_dir = Path(config.output_dir)
+    if any((output_dir / name).exists() for name in ("metrics.jsonl", "config.yaml", "adapter_config.json")):
+        raise ValueError(f"resume_from_checkpoint='latest' but {output_dir} holds a run and no complete checkpoint "
+                         f"(checkpoints are written only when save_steps > 0); training again would overwrite it: "
+                         f"use another output_dir, or drop resume_from_checkpoint to retrain on purpose")
+    warnings.warn(f"resume_from_checkpoint='latest': {output_dir} has no run yet; starting fresh", stacklevel=3)
+    return None
 
 
 def finish_run(config: TrainConfig, trainer: NCATrainer) -> TrainResult:
@@ -752,14 +928,18 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, dataset=None, call
     :func:`nca_kit.models.load_model`). ``result.model`` is the trained model.
 
     The output folder holds ``config.yaml`` (the resolved config), ``metrics.jsonl``, the PEFT adapter (or the full
-    model without LoRA) with the tokenizer, ``trends.png``, and ``checkpoint-*`` folders when ``save_steps > 0``.
+    model without LoRA) with the tokenizer, ``trends.png``, ``checkpoint-*`` folders when ``save_steps > 0``, and
+    ``reference_logps/`` (the cached reference, per chunk of prompts: a rerun or an interrupted pass reads it back).
+    ``resume_from_checkpoint="latest"`` resumes from the newest complete checkpoint and refuses a folder holding a
+    run without one.
     """
     from transformers import set_seed
 
     set_seed(config.seed)  # before the adapters are created: their initialisation is part of the run
     args = build_training_arguments(config)
+    resume = _resume_checkpoint(config)  # before anything is written into output_dir
     dataset, kind = prepare_data(config, dataset)
     model, tokenizer, reference_model = prepare_model(config, model, tokenizer)
     trainer = build_trainer(config, args, model, tokenizer, dataset, kind, reference_model, callbacks)
-    trainer.train(resume_from_checkpoint=_resume_checkpoint(config))
+    trainer.train(resume_from_checkpoint=resume)
     return finish_run(config, trainer)
