@@ -222,3 +222,11 @@ def test_tokenizer_without_chat_template_says_how_to_set_one():
         flr.flr_rewards(tiny_model("llama"), tok, ["q"], ["a"])
     with pytest.raises(ValueError, match="tokenizer has no chat template"):
         flr.direct_rewards(tiny_model("llama"), tok, ["q"], ["a"])
+
+
+def test_accuracy_difference_is_paired():
+    a_c, a_r = [1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]  # 3 of 4 right
+    same = flr.accuracy_difference(a_c, a_r, a_c, a_r)
+    assert same["difference"] == 0.0 and same["low"] == 0.0 and same["high"] == 0.0
+    d = flr.accuracy_difference(a_c, a_r, [0.0] * 4, [1.0] * 4)
+    assert d["difference"] == pytest.approx(0.75) and d["low"] <= 0.75 <= d["high"] and d["n"] == 4

@@ -47,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -75,6 +76,13 @@ __all__ = [
     "arithmetic_reward_dataset",
     "pairwise_accuracy",
     "ranking_metrics",
+    "accuracy_difference",
+    "hh_pairs",
+    "PairEvaluation",
+    "evaluate_pairs",
+    "evaluate_k_responses",
+    "plot_pair_accuracy",
+    "plot_score_distributions",
 ]
 
 #: The paper's six helpfulness categories of follow-ups.
@@ -277,31 +285,56 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def _shared_hidden(model, prefixes, continuations, owner):
-    """``(states (N, T + 1, H), ids (N, T), mask (N, T))``: ``states[n, t]`` is the final hidden state that predicts
-    continuation token ``t`` (``t = 0``: the prefix's last position); ``states[n, len_n]`` follows the last token.
-    Prefixes encoded once; see :func:`prefix_shared_logps`."""
+@dataclass
+class _EncodedPrefixes:
+    """The key/value cache of ``B`` left-padded prefixes, their mask, and the state after each one's last token."""
+
+    keys_values: list  # per layer (keys, values), each (B, heads, P, head_dim)
+    mask: torch.Tensor  # (B, P)
+    last: torch.Tensor  # (B, H)
+
+
+def _encode_prefixes(model, prefixes) -> _EncodedPrefixes:
+    """One forward over the prefixes, left-padded so that each ends in the last column; position ids count from each
+    prefix's first real token, so a padded prefix is encoded as it would be alone."""
+    from transformers import DynamicCache
+
+    ids, mask = _pad(prefixes, left=True, device=_device(model))  # (B, P)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                output_hidden_states=True, **{_cache_argument(model): cache})
+    return _EncodedPrefixes([(k, v) for k, v, *_ in cache], mask, out.hidden_states[-1][:, -1])
+
+
+def _continue(model, prefix: _EncodedPrefixes, continuations, owner):
+    """``(states (N, T + 1, H), ids (N, T), mask (N, T))`` of ``N`` continuations, continuation ``n`` following
+    prefix ``owner[n]``. ``states[n, t]`` is the final hidden state that predicts continuation token ``t`` (``t = 0``:
+    the prefix's last state); ``states[n, len_n]`` is the state after the last token.
+
+    The prefix cache is expanded over the batch: a view when all rows share one prefix, else an index-select.
+    """
     from transformers import DynamicCache
 
     device = _device(model)
-    prefix_ids, prefix_mask = _pad(prefixes, left=True, device=device)  # (B, P): every prefix ends at column P-1
-    positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    cache_arg = _cache_argument(model)
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1, output_hidden_states=True, **{cache_arg: cache})
-    last = out.hidden_states[-1][:, -1]  # (B, H): predicts each continuation's first token
-    # One cache row per continuation: index-select the prefix's keys/values over the batch (no recomputation).
-    cache = DynamicCache([(k[owner], v[owner]) for k, v, *_ in cache], config=model.config)
-    del out
+    n = len(continuations)
+    if prefix.mask.shape[0] == 1:
+        rows = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix.keys_values]
+    else:
+        rows = [(k[owner], v[owner]) for k, v in prefix.keys_values]
+    cache = DynamicCache(rows, config=model.config)
     ids, mask = _pad(continuations, left=False, device=device)  # (N, T), right-padded
-    t = ids.shape[1]
-    lengths = prefix_mask.sum(-1)[owner]  # (N,)
-    out = model(input_ids=ids, attention_mask=torch.cat([prefix_mask[owner], mask], dim=1),  # (N, P + T)
-                position_ids=lengths[:, None] + torch.arange(t, device=device), use_cache=True, logits_to_keep=1,
-                output_hidden_states=True, **{cache_arg: cache})
+    lengths = prefix.mask.sum(-1)[owner]  # (N,)
+    out = model(input_ids=ids, attention_mask=torch.cat([prefix.mask[owner], mask], dim=1),  # (N, P + T)
+                position_ids=lengths[:, None] + torch.arange(ids.shape[1], device=device), use_cache=True,
+                logits_to_keep=1, output_hidden_states=True, **{_cache_argument(model): cache})
     hidden = out.hidden_states[-1]  # (N, T, H)
-    return torch.cat([last[owner, None], hidden], dim=1), ids, mask.bool()  # (N, T + 1, H)
+    return torch.cat([prefix.last[owner, None], hidden], dim=1), ids, mask.bool()  # (N, T + 1, H)
+
+
+def _shared_hidden(model, prefixes, continuations, owner):
+    """:func:`_continue` after :func:`_encode_prefixes`: each prefix encoded once for all its continuations."""
+    return _continue(model, _encode_prefixes(model, prefixes), continuations, owner)
 
 
 def _naive_hidden(model, prefixes, continuations, owner):
@@ -526,39 +559,64 @@ def _eval_mode(model):
     return was_training
 
 
+def _shared_header(tokens: list[_FollowupTokens]) -> int:
+    """Length of the turn header every follow-up starts with (``<|im_start|>user\n`` in ChatML): it joins the prefix,
+    so it is encoded once per response. It stops before the first token any score reads."""
+    limit = min(min(f.span[0] for f in tokens), min(f.code_position for f in tokens))
+    common = 0
+    while common < limit and len({f.ids[common] for f in tokens}) == 1:
+        common += 1
+    return common
+
+
 def _flr_block(model, tokenizer, messages, responses, tokens: list[_FollowupTokens], *, batch_size, max_length,
                share_prefix) -> np.ndarray:
-    """``(n, F, 2)`` scores of a block of responses: ``[..., 0]`` mean log-likelihood, ``[..., 1]`` code logit."""
+    """``(n, F, 2)`` scores of a block of responses: ``[..., 0]`` mean log-likelihood, ``[..., 1]`` code logit.
+
+    Only the tokens a score reads are run: the shared turn header goes into the prefix, and a follow-up turn is cut
+    after the last token whose successor is scored (causal attention: later tokens change nothing before them).
+    """
     n_f = len(tokens)
+    common = _shared_header(tokens)
+    header = list(tokens[0].ids[:common])
+    # inputs of follow-up f: its turn from the header on, up to the last state a score reads (at least one token)
+    inputs = [list(f.ids[common:max(f.span[1] - 1, f.code_position, common + 1)]) for f in tokens]
     per_forward = max(1, batch_size // n_f)  # responses per forward when all their follow-ups fit in one batch
     chunk = min(n_f, batch_size)  # follow-ups per forward
     out = np.zeros((len(responses), n_f, 2))
     device = _device(model)
     for lo in range(0, len(responses), per_forward):
         hi = min(lo + per_forward, len(responses))
-        prefixes = [_conversation_prefix(tokenizer, m, r, max_length) for m, r in zip(messages[lo:hi], responses[lo:hi])]
+        prefixes = [_conversation_prefix(tokenizer, m, r, max_length) + header
+                    for m, r in zip(messages[lo:hi], responses[lo:hi])]
+        encoded = _encode_prefixes(model, prefixes) if share_prefix else None
         for f_lo in range(0, n_f, chunk):
-            group = tokens[f_lo:f_lo + chunk]
-            states, ids, _ = _hidden(model, prefixes, [[f.ids for f in group]] * len(prefixes), share_prefix)
-            # "paper": mean log-likelihood over the follow-up's own tokens.
-            span = torch.zeros(ids.shape, dtype=torch.bool, device=device)  # (R, T)
-            code_rows = []
-            for row in range(ids.shape[0]):
-                f = group[row % len(group)]
-                span[row, f.span[0]:f.span[1]] = True
-                code_rows.append(f.code_position)
-            rows, cols = span.nonzero(as_tuple=True)
+            group = range(f_lo, min(f_lo + chunk, n_f))
+            owner = torch.arange(hi - lo, device=device).repeat_interleave(len(group))  # (R,)
+            rows_f = [f for _ in range(hi - lo) for f in group]  # follow-up of each row
+            continuations = [inputs[f] for f in rows_f]
+            if share_prefix:
+                states, _, _ = _continue(model, encoded, continuations, owner)  # (R, T + 1, H)
+            else:
+                states, _, _ = _naive_hidden(model, prefixes, continuations, owner)
+            # "paper": mean log-likelihood over the follow-up's own tokens; states[:, t - common] predicts token t.
+            rows, cols, targets = [], [], []
+            for row, f in enumerate(rows_f):
+                for t in range(*tokens[f].span):
+                    rows.append(row), cols.append(t - common), targets.append(tokens[f].ids[t])
+            rows, cols = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
             logits = _logits(model, states[rows, cols])  # (M, V)
-            token_logps = logits.gather(-1, ids[rows, cols, None]).squeeze(-1) - torch.logsumexp(logits, -1)
-            loglik = torch.zeros(ids.shape[0], dtype=torch.float64, device=device).index_add(
-                0, rows, token_logps.double()) / span.sum(-1).double()  # (R,)
+            token_logps = logits.gather(-1, torch.tensor(targets, device=device)[:, None]).squeeze(-1) - \
+                torch.logsumexp(logits, -1)  # (M,)
+            lengths = torch.tensor([tokens[f].span[1] - tokens[f].span[0] for f in rows_f], device=device)
+            loglik = torch.zeros(len(rows_f), dtype=torch.float64, device=device).index_add(
+                0, rows, token_logps.double()) / lengths  # (R,)
             # "code": raw logits at one position, averaged over the follow-up's token ids (a bag of words).
-            raw = _logits(model, states[torch.arange(ids.shape[0], device=device),
-                                            torch.tensor(code_rows, device=device)])  # (R, V)
-            logit = torch.stack([raw[row, list(group[row % len(group)].code_ids)].double().mean()
-                                 for row in range(ids.shape[0])])  # (R,)
-            out[lo:hi, f_lo:f_lo + len(group), 0] = loglik.view(hi - lo, len(group)).cpu().numpy()
-            out[lo:hi, f_lo:f_lo + len(group), 1] = logit.view(hi - lo, len(group)).cpu().numpy()
+            at = torch.tensor([tokens[f].code_position - common for f in rows_f], device=device)
+            raw = _logits(model, states[torch.arange(len(rows_f), device=device), at])  # (R, V)
+            logit = torch.stack([raw[row, list(tokens[f].code_ids)].double().mean() for row, f in enumerate(rows_f)])
+            out[lo:hi, group.start:group.stop, 0] = loglik.view(hi - lo, len(group)).cpu().numpy()
+            out[lo:hi, group.start:group.stop, 1] = logit.view(hi - lo, len(group)).cpu().numpy()
     return out
 
 
@@ -809,6 +867,22 @@ def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> dic
     return {"accuracy": p, "low": low, "high": high, "n": len(chosen), "ties": ties}
 
 
+def accuracy_difference(a_chosen, a_rejected, b_chosen, b_rejected, *, n_boot: int = 4000, seed: int = 0) -> dict:
+    """Pairwise accuracy of scorer A minus that of scorer B on the *same* pairs, with a paired bootstrap 95 % interval
+    (pairs resampled together, so the interval reflects how much the two scorers' per-pair outcomes co-vary)."""
+    wins = []
+    for chosen, rejected in ((a_chosen, a_rejected), (b_chosen, b_rejected)):
+        chosen, rejected = np.asarray(chosen, float), np.asarray(rejected, float)
+        wins.append((chosen > rejected) + 0.5 * (chosen == rejected))  # (n,)
+    if wins[0].shape != wins[1].shape:
+        raise ValueError(f"b_chosen: {wins[1].shape[0]} pairs but scorer A has {wins[0].shape[0]}")
+    delta = wins[0] - wins[1]  # (n,)
+    draws = np.random.default_rng(seed).integers(0, len(delta), size=(n_boot, len(delta)))
+    boot = delta[draws].mean(1)  # (n_boot,)
+    return {"difference": float(delta.mean()), "low": float(np.quantile(boot, 0.025)),
+            "high": float(np.quantile(boot, 0.975)), "n": len(delta)}
+
+
 def _ranks(x: np.ndarray) -> np.ndarray:
     order = np.argsort(x, kind="stable")
     ranks = np.empty(len(x))
@@ -847,3 +921,179 @@ def ranking_metrics(scores: Sequence[Sequence[float]], golden: Sequence[Sequence
         low, high = _wilson(float(np.mean(wins)), len(wins))
         out.update(pair_accuracy=float(np.mean(wins)), pair_low=low, pair_high=high, n_pairs=len(wins))
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Evaluations: preference pairs and K scored responses
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def hh_pairs(n: int | None = None, *, seed: int = 0, path: str | os.PathLike | None = None):
+    """HH-RLHF harmless-base test pairs (:func:`nca_kit.data.load_hh_rlhf`; the 4 of 2,312 rows with an empty reply
+    are skipped): all of them, or a fixed subset of ``n`` drawn with ``seed``. The subset is a prefix of one seeded
+    order, so a larger ``n`` keeps the pairs of a smaller one first (and their cached scores)."""
+    from nca_kit.data import load_hh_rlhf
+
+    data_logger = logging.getLogger("nca_kit.data")  # its load report names the file: keep it out of outputs
+    level = data_logger.level
+    data_logger.setLevel(logging.ERROR)
+    try:
+        ds = load_hh_rlhf(path, on_invalid="skip")
+    finally:
+        data_logger.setLevel(level)
+    if n is not None and n < len(ds):
+        ds = ds.shuffle(seed=seed).select(range(n))
+    return ds
+
+
+@dataclass
+class PairEvaluation:
+    """FLR and Direct on ``n`` preference pairs: ``flr`` scores ``2n`` responses (chosen at even rows, rejected at odd
+    rows), ``direct`` ``(2n,)``; :meth:`table` gives pairwise accuracies, :meth:`disagreement` compares variants."""
+
+    flr: FLRScores
+    direct: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.direct) // 2
+
+    def scorers(self) -> dict[tuple[str, str], np.ndarray]:
+        """``{(scorer, category): (2n,) rewards}``: Direct, then FLR of each variant, all categories then each
+        (when there are several)."""
+        out = {("Direct", "-"): self.direct}
+        for variant in VARIANTS:
+            out[(f"FLR ({variant})", "all")] = self.flr.rewards(variant)
+            if len(self.flr.categories) > 1:  # with one category, "all" is that category
+                for category, rewards in self.flr.category_rewards(variant).items():
+                    out[(f"FLR ({variant})", category)] = rewards
+        return out
+
+    def table(self):
+        """A ``pandas.DataFrame``: one row per scorer and category, with ``accuracy``, ``low``, ``high``, ``n``."""
+        import pandas as pd
+
+        rows = [{"scorer": s, "category": c, **pairwise_accuracy(r[0::2], r[1::2])}
+                for (s, c), r in self.scorers().items()]
+        return pd.DataFrame(rows)
+
+    def versus_direct(self, variant: str = "paper", category: str = "all") -> dict:
+        """FLR accuracy minus Direct accuracy on these pairs, with its paired bootstrap interval."""
+        flr = self.scorers()[(f"FLR ({variant})", category)]
+        return accuracy_difference(flr[0::2], flr[1::2], self.direct[0::2], self.direct[1::2])
+
+    def disagreement(self) -> dict:
+        """How much the two variants differ on the all-category reward: share of pairs they order differently, and
+        the Spearman correlation of their rewards over responses (and of their chosen-minus-rejected margins)."""
+        paper, code = self.flr.rewards("paper"), self.flr.rewards("code")
+        margin_paper, margin_code = paper[0::2] - paper[1::2], code[0::2] - code[1::2]
+        return {"pairs_ordered_differently": float(np.mean(np.sign(margin_paper) != np.sign(margin_code))),
+                "spearman_rewards": float(np.corrcoef(_ranks(paper), _ranks(code))[0, 1]),
+                "spearman_margins": float(np.corrcoef(_ranks(margin_paper), _ranks(margin_code))[0, 1]),
+                "n_pairs": self.n}
+
+
+def evaluate_pairs(model, tokenizer, prompts: Sequence, chosen: Sequence[str], rejected: Sequence[str], *,
+                   followups=None, categories: Sequence[str] | None = None, **kwargs) -> PairEvaluation:
+    """Score every pair's chosen and rejected response with FLR (both variants, every category) and Direct.
+
+    Keyword arguments go to :func:`flr_scores` and :func:`direct_rewards` (``cache_dir``, ``progress``, ...).
+    """
+    if not (len(prompts) == len(chosen) == len(rejected)):
+        raise ValueError(f"chosen / rejected: {len(chosen)} / {len(rejected)} given for {len(prompts)} prompts")
+    both_prompts = [p for p in prompts for _ in range(2)]
+    both = [t for pair in zip(chosen, rejected) for t in pair]
+    batch_size = kwargs.pop("batch_size", 64)  # FLR's continuations per forward; Direct keeps its own default
+    scores = flr_scores(model, tokenizer, both_prompts, both, followups=followups, categories=categories,
+                        batch_size=batch_size, **kwargs)
+    direct = direct_rewards(model, tokenizer, both_prompts, both, **kwargs)
+    return PairEvaluation(scores, direct)
+
+
+def evaluate_k_responses(model, tokenizer, dataset, *, followups="arithmetic", golden: str = "rewards",
+                         correct_threshold: float | None = None, **kwargs):
+    """FLR (each variant and category) and Direct against the golden rewards of a K-response dataset.
+
+    Returns ``(table, scores)``: a ``pandas.DataFrame`` with one row per scorer and category holding
+    :func:`ranking_metrics` (per-prompt Spearman, pairwise accuracy on pairs with different golden rewards, Best-of-K
+    golden reward) and, with ``correct_threshold``, ``correct_pair_accuracy``: the same accuracy on pairs of one
+    correct (golden >= threshold) and one wrong response; ``scores`` maps ``(scorer, category)`` to ``(B, K)``.
+    """
+    import pandas as pd
+
+    ks = {len(r) for r in dataset["responses"]}
+    if len(ks) != 1:
+        raise ValueError(f"dataset: every row needs the same number of responses, got {sorted(ks)}")
+    k = ks.pop()
+    prompts = [p for p in dataset["prompt"] for _ in range(k)]
+    responses = [r for rs in dataset["responses"] for r in rs]
+    gold = np.asarray(dataset[golden], float)  # (B, K)
+    batch_size = kwargs.pop("batch_size", 64)  # FLR's continuations per forward; Direct keeps its own default
+    evaluation = PairEvaluation(flr_scores(model, tokenizer, prompts, responses, followups=followups,
+                                           batch_size=batch_size, **kwargs),
+                                direct_rewards(model, tokenizer, prompts, responses, **kwargs))
+    scores = {key: value.reshape(-1, k) for key, value in evaluation.scorers().items()}
+    rows = []
+    for (scorer, category), s in scores.items():
+        row = {"scorer": scorer, "category": category, **ranking_metrics(s, gold)}
+        if correct_threshold is not None:
+            correct = ranking_metrics(s, (gold >= correct_threshold).astype(float))
+            row.update(correct_pair_accuracy=correct.get("pair_accuracy", float("nan")),
+                       correct_pair_low=correct.get("pair_low", float("nan")),
+                       correct_pair_high=correct.get("pair_high", float("nan")),
+                       n_correct_pairs=correct.get("n_pairs", 0))
+        rows.append(row)
+    return pd.DataFrame(rows), scores
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def plot_pair_accuracy(table, ax=None, title: str = "Pairwise accuracy"):
+    """Bars of accuracy (with 95 % intervals) by category, one colour per FLR variant, Direct as a dashed line."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 3.8))
+    flr_rows = table[table.scorer.str.startswith("FLR")]
+    categories = list(dict.fromkeys(flr_rows.category))
+    variants = list(dict.fromkeys(flr_rows.scorer))
+    width = 0.8 / len(variants)
+    x = np.arange(len(categories))
+    for i, variant in enumerate(variants):
+        rows = flr_rows[flr_rows.scorer == variant].set_index("category").loc[categories]
+        err = np.vstack([rows.accuracy - rows.low, rows.high - rows.accuracy])
+        ax.bar(x + (i - (len(variants) - 1) / 2) * width, rows.accuracy, width, yerr=err, capsize=2, label=variant)
+    direct = table[table.scorer == "Direct"].iloc[0]
+    ax.axhline(direct.accuracy, color="k", ls="--", lw=1, label=f"Direct ({direct.accuracy:.3f})")
+    ax.axhspan(direct.low, direct.high, color="k", alpha=0.08)
+    ax.axhline(0.5, color="grey", lw=0.8)
+    ax.set_xticks(x, [c.replace("_", "\n") for c in categories], fontsize=8)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title} (n = {int(direct.n)} pairs, 95 % Wilson intervals)")
+    ax.legend(fontsize=8, loc="lower right")
+    return ax
+
+
+def plot_score_distributions(evaluation: PairEvaluation, variant: str = "paper", axes=None):
+    """Histograms of chosen vs rejected rewards: FLR (``variant``, all categories) and Direct, and their margins."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, (name, r) in zip(axes, [(f"FLR ({variant})", evaluation.flr.rewards(variant)),
+                                    ("Direct", evaluation.direct)]):
+        bins = np.histogram_bin_edges(r, bins=30)
+        ax.hist(r[0::2], bins=bins, alpha=0.6, label="chosen")
+        ax.hist(r[1::2], bins=bins, alpha=0.6, label="rejected")
+        ax.set_title(f"{name} reward")
+        ax.legend(fontsize=8)
+    for name, r in [(f"FLR ({variant})", evaluation.flr.rewards(variant)), ("Direct", evaluation.direct)]:
+        margin = r[0::2] - r[1::2]
+        axes[2].hist(margin / (np.std(margin) or 1.0), bins=30, alpha=0.5, label=name)
+    axes[2].axvline(0, color="k", lw=0.8)
+    axes[2].set_title("chosen - rejected (standardised)")
+    axes[2].legend(fontsize=8)
+    return axes
