@@ -570,7 +570,7 @@ def _shared_header(tokens: list[_FollowupTokens]) -> int:
 
 
 def _flr_block(model, tokenizer, messages, responses, tokens: list[_FollowupTokens], *, batch_size, max_length,
-               share_prefix) -> np.ndarray:
+               share_prefix, tick=lambda n: None) -> np.ndarray:
     """``(n, F, 2)`` scores of a block of responses: ``[..., 0]`` mean log-likelihood, ``[..., 1]`` code logit.
 
     Only the tokens a score reads are run: the shared turn header goes into the prefix, and a follow-up turn is cut
@@ -617,6 +617,7 @@ def _flr_block(model, tokenizer, messages, responses, tokens: list[_FollowupToke
             logit = torch.stack([raw[row, list(tokens[f].code_ids)].double().mean() for row, f in enumerate(rows_f)])
             out[lo:hi, group.start:group.stop, 0] = loglik.view(hi - lo, len(group)).cpu().numpy()
             out[lo:hi, group.start:group.stop, 1] = logit.view(hi - lo, len(group)).cpu().numpy()
+        tick(hi - lo)
     return out
 
 
@@ -677,7 +678,8 @@ def flr_scores(
             for lo, hi in _blocks(len(responses)):
                 def compute(lo=lo, hi=hi):
                     return _flr_block(model, tokenizer, messages[lo:hi], list(responses[lo:hi]), tokens,
-                                      batch_size=batch_size, max_length=max_length, share_prefix=share_prefix)
+                                      batch_size=batch_size, max_length=max_length, share_prefix=share_prefix,
+                                      tick=bar.update)
 
                 if cache is None:
                     parts.append(compute())
@@ -685,7 +687,8 @@ def flr_scores(
                     settings = {"version": _VERSION, "model": fingerprint, "followups": flat,
                                 "max_length": max_length, "texts": _texts_digest(messages[lo:hi], responses[lo:hi])}
                     parts.append(cache.array("flr", settings, compute))
-                bar.update(hi - lo)
+                    if cache.last_hit:
+                        bar.update(hi - lo)
     finally:
         model.train(was_training)
     scores = np.concatenate(parts)  # (N, F, 2)
@@ -850,7 +853,7 @@ def _wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a proportion ``p`` observed on ``n`` trials."""
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
+    return min(centre - half, p), max(centre + half, p)  # min/max: float rounding at p = 0 or 1
 
 
 def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> dict:
