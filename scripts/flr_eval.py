@@ -1,0 +1,134 @@
+"""Headline evaluation of Follow-up Likelihood as Reward (FLR) and its Direct baseline with SmolLM2-135M-Instruct.
+
+1. **HH-RLHF harmless-base test pairs** (a fixed seeded subset of ``--pairs``): pairwise accuracy of Direct and of FLR
+   (variants ``paper`` and ``code``; all six categories together and each alone) with 95 % Wilson intervals, and
+   how much the two variants disagree.
+2. **The kit's arithmetic K = 4 data** (``data/``, rubric rewards 0-10): per-prompt Spearman with the rubric, pairwise
+   accuracy on pairs with different rubric rewards and on correct-vs-wrong pairs, Best-of-4 rubric reward; FLR with
+   the arithmetic correctness follow-ups (both variants) and Direct. Runs first (it has a fixed size).
+
+HH pairs are added 16 at a time (a fixed seeded order) until ``--minutes`` have passed since the start, so the
+count is what the time budget allowed. Writes ``results.json``, ``hh_table.csv``, ``arith_table.csv`` into ``--out`` and the figures
+``rewards_flr_hh_accuracy.png`` / ``rewards_flr_hh_distributions.png`` / ``rewards_flr_arith.png`` into ``--figures``.
+Scores are cached in ``--cache`` block by block: an interrupted run resumes where it stopped, a rerun is instant.
+
+    python scripts/flr_eval.py --minutes 30 --arith-prompts 48 --out runs/flr_eval --figures docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+STEP = 16  # pairs per cache block (32 responses)
+
+
+def main(argv=None) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nca_kit.models import load_model
+    from nca_kit.rewards import followup as flr
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="nca_kit.models.load_model name")
+    parser.add_argument("--pairs", type=int, default=2308, help="most HH-RLHF pairs (a seeded subset; 0 skips HH)")
+    parser.add_argument("--minutes", type=float, default=30.0,
+                        help="time budget: HH pairs are added 16 at a time until it is spent")
+    parser.add_argument("--seed", type=int, default=0, help="which HH pairs")
+    parser.add_argument("--arith-prompts", type=int, default=48, help="arithmetic prompts (K = 4 each; 0 skips)")
+    parser.add_argument("--batch-size", type=int, default=64, help="FLR continuations per forward pass")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--cache", type=Path, default=REPO / "runs" / "cache", help="score cache folder")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "flr_eval", help="tables and results.json")
+    parser.add_argument("--figures", type=Path, default=None, help="figure folder (default: --out)")
+    args = parser.parse_args(argv)
+
+    start = time.time()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    figures = args.figures or args.out
+    figures.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(args.model, device="cpu")
+    results: dict = {"model": args.model, "command": "python scripts/flr_eval.py " + " ".join(argv or sys.argv[1:])}
+
+    if args.arith_prompts:
+        arithmetic(args, model, tokenizer, figures, results)
+    if args.pairs:
+        pairs = flr.hh_pairs(args.pairs, seed=args.seed)
+        deadline = start + 60 * args.minutes
+        for n in range(STEP, len(pairs) + STEP, STEP):  # grow by cache blocks until the time budget is spent
+            n = min(n, len(pairs))
+            sub = pairs.select(range(n))
+            evaluation = flr.evaluate_pairs(model, tokenizer, sub["prompt"], sub["chosen"], sub["rejected"],
+                                            batch_size=args.batch_size, cache_dir=args.cache, progress=False)
+            print(f"{n} pairs scored after {(time.time() - start) / 60:.1f} min", flush=True)
+            if time.time() > deadline:
+                break
+        table = evaluation.table()
+        table.to_csv(args.out / "hh_table.csv", index=False)
+        results["hh"] = {"n_pairs": evaluation.n, "seed": args.seed, "table": table.to_dict("records"),
+                         "disagreement": evaluation.disagreement()}
+        print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+        print(json.dumps(results["hh"]["disagreement"], indent=1))
+        fig, ax = plt.subplots(figsize=(9, 3.8))
+        flr.plot_pair_accuracy(table, ax, title="HH-RLHF harmless-base, SmolLM2-135M-Instruct")
+        fig.tight_layout()
+        fig.savefig(figures / "rewards_flr_hh_accuracy.png", dpi=120)
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+        flr.plot_score_distributions(evaluation, "paper", axes)
+        fig.tight_layout()
+        fig.savefig(figures / "rewards_flr_hh_distributions.png", dpi=120)
+
+    results["wall_seconds"] = round(time.time() - start, 1)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"wall time {results['wall_seconds']:.0f} s; results in {args.out / 'results.json'}")
+    return 0
+
+
+def arithmetic(args, model, tokenizer, figures: Path, results: dict) -> None:
+    """Part 2: FLR (arithmetic and helpfulness correctness follow-ups) and Direct against the rubric."""
+    import matplotlib.pyplot as plt
+
+    from nca_kit import generate
+    from nca_kit.rewards import followup as flr
+    from nca_kit.tasks import CORRECT_THRESHOLD
+
+    train = generate.load_or_generate(generate.GenerationSettings(), search_dirs=(REPO / "data",),
+                                      verbose=False)["train"]
+    train = train.select(range(min(args.arith_prompts, len(train))))
+    table, _ = flr.evaluate_k_responses(model, tokenizer, train, followups="arithmetic",
+                                        correct_threshold=CORRECT_THRESHOLD, batch_size=args.batch_size,
+                                        cache_dir=args.cache)
+    table.to_csv(args.out / "arith_table.csv", index=False)
+    results["arith"] = {"n_prompts": len(train), "k": 4, "table": table.to_dict("records")}
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    labels = [f"{s}\n{c}" if c not in ("-", "all") else s for s, c in zip(table.scorer, table.category)]
+    axes[0].bar(labels, table.correct_pair_accuracy,
+                yerr=[table.correct_pair_accuracy - table.correct_pair_low,
+                      table.correct_pair_high - table.correct_pair_accuracy], capsize=2)
+    axes[0].axhline(0.5, color="grey", lw=0.8)
+    axes[0].set_title(f"correct vs wrong pairs (n = {int(table.n_correct_pairs.iloc[0])})")
+    axes[0].set_ylabel("accuracy")
+    axes[1].bar(labels, table.best_of_k)
+    axes[1].axhline(table.random.iloc[0], color="k", ls="--", lw=1, label="random pick")
+    axes[1].axhline(table.oracle.iloc[0], color="g", ls=":", lw=1, label="oracle")
+    axes[1].set_title(f"Best-of-4 rubric reward ({len(train)} prompts)")
+    axes[1].legend(fontsize=8)
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(figures / "rewards_flr_arith.png", dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

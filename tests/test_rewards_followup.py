@@ -1,0 +1,232 @@
+"""Follow-up Likelihood as Reward: prefix-shared scoring, which tokens are scored, both variants, Direct, errors."""
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from nca_kit.logps import RewardCollator, sequence_logps, tokenize_reward_record
+from nca_kit.models import tiny_model, tiny_tokenizer
+from nca_kit.rewards import followup as flr
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is fastest, and spares a CPU shared with other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral"])
+def model(request):
+    return tiny_model(request.param, seed=1).eval()
+
+
+SMALL = {  # two categories, follow-ups of different lengths
+    "a": {"positive": ["yes, thanks!", "That is exactly right."], "negative": ["no", "Sorry, that is wrong."]},
+    "b": {"positive": ["Great answer, thank you so much."], "negative": ["meh", "What?"]},
+}
+PROMPTS = ["What is two plus two?", [{"role": "user", "content": "hello"}],
+           "Write a short poem about the sea, please, and make it rhyme.", "What is two plus two?"]
+RESPONSES = ["Four.", "hello there, how are you doing today?", "The sea is wide and blue.", "Five"]
+
+
+def test_prefix_shared_and_naive_logps_agree_with_plain_logits(model):
+    # prefixes of different lengths (left padding), continuations of different lengths (right padding)
+    prefixes = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14], [20, 21, 22, 23, 24]]
+    continuations = [[[1, 2, 3], [4]], [[7, 8, 9, 10, 11, 12]], [[3], [3, 4, 5, 6], [9, 9]]]
+    with torch.no_grad():
+        shared, mask = flr.prefix_shared_logps(model, prefixes, continuations)
+        naive, naive_mask = flr.prefix_shared_logps(model, prefixes, continuations, share_prefix=False)
+    assert shared.shape == (6, 6) and torch.equal(mask, naive_mask)
+    assert torch.allclose(shared, naive, atol=1e-4)
+    flat = [(p, c) for p, group in zip(prefixes, continuations) for c in group]
+    for n, (p, c) in enumerate(flat):
+        with torch.no_grad():
+            logps = model(input_ids=torch.tensor([p + c])).logits[0].log_softmax(-1)  # (S, V)
+        expected = torch.stack([logps[len(p) - 1 + t, c[t]] for t in range(len(c))])
+        assert torch.allclose(shared[n, : len(c)], expected, atol=1e-4)
+        assert mask[n].sum() == len(c) and not shared[n, len(c):].any()
+
+
+def test_flr_scores_shared_and_naive_agree(model, tok):
+    shared = flr.flr_scores(model, tok, PROMPTS, RESPONSES, followups=SMALL, batch_size=5, progress=False)
+    naive = flr.flr_scores(model, tok, PROMPTS, RESPONSES, followups=SMALL, batch_size=3, share_prefix=False,
+                           progress=False)
+    assert shared.loglik.shape == shared.logit.shape == (4, 7)
+    np.testing.assert_allclose(shared.loglik, naive.loglik, atol=1e-4)
+    np.testing.assert_allclose(shared.logit, naive.logit, atol=1e-4)
+    np.testing.assert_allclose(shared.rewards(), naive.rewards(), atol=1e-4)
+
+
+def test_followup_tokens_are_scored_not_the_template(tok):
+    text = "That is exactly right."
+    own = tok(text, add_special_tokens=False)["input_ids"]
+    header = tok("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
+    closing = tok("<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    turn = flr._followup_tokens(tok, text)
+    assert list(turn.ids) == header + own + closing
+    assert list(turn.ids[turn.span[0]:turn.span[1]]) == own
+
+
+def test_scores_equal_a_hand_built_conversation(tok):
+    """Variant "paper" = mean log-prob of the follow-up's tokens in the full conversation; variant "code" = the public
+    code's expression ``logits[0, -L:, :][0, ids].mean()`` on the conversation tokenized by the chat template."""
+    model = tiny_model("llama", seed=3).eval()
+    followups = {"c": {"positive": ["That is exactly right."], "negative": ["no"]}}
+    prompt, response = "What is two plus two?", "Four."
+    scores = flr.flr_scores(model, tok, [prompt], [response], followups=followups, progress=False)
+    for column, text in enumerate(["That is exactly right.", "no"]):
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        prefix = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+        own = tok(text, add_special_tokens=False)["input_ids"]
+        header = tok("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
+        closing = tok("<|im_end|>\n", add_special_tokens=False)["input_ids"]
+        full = prefix + header + own + closing
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([full])).logits  # (1, S, V)
+        logps = logits[0].log_softmax(-1)
+        start = len(prefix) + len(header)
+        expected = np.mean([logps[start + t - 1, own[t]].item() for t in range(len(own))])
+        assert scores.loglik[0, column] == pytest.approx(expected, abs=1e-4)
+        rendered = tok.apply_chat_template(messages + [{"role": "user", "content": text}], tokenize=False)
+        assert tok(rendered, add_special_tokens=False)["input_ids"] == full
+        feedback_ids = torch.tensor(tok(text)["input_ids"])
+        public_code = logits[0, -len(feedback_ids):, :][0, feedback_ids].mean().item()
+        assert scores.logit[0, column] == pytest.approx(public_code, abs=1e-4)
+    assert scores.rewards()[0] == pytest.approx(scores.loglik[0, 0] - scores.loglik[0, 1])
+
+
+def test_preferring_a_positive_followup_raises_the_reward(tok):
+    """Train the model (through prefix_shared_logps, gradients on) to like the positive follow-up after this answer:
+    the reward goes up, and the gradient path is the one a shared-prompt training forward would use."""
+    model = tiny_model("mistral", seed=0)
+    followups = {"c": {"positive": ["yes, thanks!"], "negative": ["That is wrong."]}}
+    prompt, response = "What is two plus two?", "Four."
+    before = flr.flr_rewards(model, tok, [prompt], [response], followups=followups, progress=False)[0]
+    messages = [{"role": "user", "content": prompt}]
+    prefix = flr._conversation_prefix(tok, messages, response, 1024)
+    turn = flr._followup_tokens(tok, "yes, thanks!")
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(15):
+        logps, _ = flr.prefix_shared_logps(model, [prefix], [[turn.ids]])
+        loss = -logps[0, turn.span[0]:turn.span[1]].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = flr.flr_rewards(model, tok, [prompt], [response], followups=followups, progress=False)[0]
+    assert after > before + 1.0, (before, after)
+
+
+def test_direct_equals_the_kits_sequence_logprob_over_length(model, tok):
+    direct = flr.direct_rewards(model, tok, PROMPTS, RESPONSES, batch_size=2, progress=False)
+    for i, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES)):
+        record = tokenize_reward_record({"prompt": prompt, "responses": [response], "rewards": [0.0]}, tok)
+        batch = RewardCollator(tok.pad_token_id)([record])
+        with torch.no_grad():
+            total = sequence_logps(model, batch)[0, 0].item()
+        assert direct[i] == pytest.approx(total / len(record["response_input_ids"][0]), abs=1e-4)
+    naive = flr.direct_rewards(model, tok, PROMPTS, RESPONSES, share_prefix=False, progress=False)
+    np.testing.assert_allclose(direct, naive, atol=1e-4)
+
+
+def test_scores_are_cached_on_disk(tok, tmp_path):
+    model = tiny_model("llama", seed=2).eval()
+    first = flr.flr_scores(model, tok, PROMPTS, RESPONSES, followups=SMALL, cache_dir=tmp_path, progress=False)
+    assert list(tmp_path.glob("flr_*.npy"))
+
+    def broken(*args, **kwargs):
+        raise AssertionError("the model ran although the scores are cached")
+
+    model.forward = broken
+    again = flr.flr_scores(model, tok, PROMPTS, RESPONSES, followups=SMALL, cache_dir=tmp_path, progress=False)
+    np.testing.assert_array_equal(first.loglik, again.loglik)
+    with pytest.raises(AssertionError, match="the model ran"):  # other texts: a new key
+        flr.flr_scores(model, tok, PROMPTS, RESPONSES[::-1], followups=SMALL, cache_dir=tmp_path, progress=False)
+
+
+def test_categories_and_json_followups(tok, tmp_path):
+    path = tmp_path / "followups.json"
+    path.write_text(json.dumps(SMALL))
+    assert flr.load_followups(path) == {c: {p: tuple(t) for p, t in v.items()} for c, v in SMALL.items()}
+    assert list(flr.load_followups(categories=["relevance", "correctness"])) == ["relevance", "correctness"]
+    default = flr.load_followups()
+    assert list(default) == list(flr.CATEGORIES)
+    assert all(len(v[p]) >= 10 for v in default.values() for p in flr.POLARITIES)
+    model = tiny_model("llama", seed=2).eval()
+    scores = flr.flr_scores(model, tok, PROMPTS[:2], RESPONSES[:2], followups=path, progress=False)
+    per_category = scores.category_rewards()
+    assert set(per_category) == {"a", "b"}
+    # equal-size categories would average exactly; here "a" has 2+2 and "b" 1+2 follow-ups: check the definition
+    pos = [0, 1, 4]
+    neg = [2, 3, 5, 6]
+    np.testing.assert_allclose(scores.rewards(), scores.loglik[:, pos].mean(1) - scores.loglik[:, neg].mean(1))
+    np.testing.assert_allclose(per_category["b"], scores.loglik[:, 4] - scores.loglik[:, 5:].mean(1))
+
+
+def test_rescore_reward_dataset_is_canonical(tok):
+    model = tiny_model("llama", seed=2).eval()
+    rows = [{"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "responses": ["4", "5", "22"],
+             "rewards": [10.0, 0.0, 1.0], "id": "a"},
+            {"prompt": [{"role": "user", "content": "What is 3 + 1?"}], "responses": ["4", "I think 3"],
+             "rewards": [10.0, 0.0], "id": "b"}]
+    ds = datasets.Dataset.from_list(rows)
+    for source in flr.SOURCES:
+        out = flr.rescore_reward_dataset(ds, source, model, tok, followups="arithmetic", progress=False)
+        assert {"prompt", "responses", "rewards"} <= set(out.column_names)
+        assert [len(r) for r in out["rewards"]] == [3, 2]
+        assert out["original_rewards"] == ds["rewards"] and out["id"] == ["a", "b"]
+    direct = flr.direct_rewards(model, tok, ["What is 3 + 1?"], ["I think 3"], progress=False)
+    assert out["rewards"][1][1] == pytest.approx(direct[0])
+
+
+def test_metrics():
+    acc = flr.pairwise_accuracy([1.0, 2.0, 3.0, 0.0], [0.0, 1.0, 3.0, 1.0])
+    assert acc["accuracy"] == pytest.approx(0.625) and acc["ties"] == 1 and acc["n"] == 4
+    assert acc["low"] < 0.625 < acc["high"]
+    golden = [[10, 0, 3, 3], [1, 1, 1, 1]]
+    scores = [[0.9, 0.1, 0.5, 0.2], [4, 3, 2, 1]]
+    m = flr.ranking_metrics(scores, golden)
+    assert m["n_spearman"] == 1 and m["spearman"] == pytest.approx(np.corrcoef([4, 1, 2.5, 2.5], [4, 1, 3, 2])[0, 1])
+    assert m["n_pairs"] == 5 and m["pair_accuracy"] == pytest.approx(1.0)
+    assert m["best_of_k"] == pytest.approx(5.5) and m["oracle"] == pytest.approx(5.5)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m, t: flr.flr_rewards(m, t, ["q"], ["a"], followups={"c": {"positive": [], "negative": ["no"]}}),
+     "followups: category 'c' has no positive"),
+    (lambda m, t: flr.flr_rewards(m, t, ["q", "r"], ["a", " "]), r"responses\[1\] is empty"),
+    (lambda m, t: flr.direct_rewards(m, t, ["q", "r"], ["a"]), "responses: 1 given but prompts has 2"),
+    (lambda m, t: flr.flr_rewards(m, t, ["q"], ["a"], variant="logits"), "variant must be one of"),
+    (lambda m, t: flr.flr_rewards(m, t, ["q"], ["a"], categories=["style"]), r"categories: \['style'\]"),
+])
+def test_bad_input_names_the_argument(tok, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(tiny_model("llama"), tok)
+
+
+def test_tokenizer_without_chat_template_says_how_to_set_one():
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="tokenizer has no chat template; set tokenizer.chat_template"):
+        flr.flr_rewards(tiny_model("llama"), tok, ["q"], ["a"])
+    with pytest.raises(ValueError, match="tokenizer has no chat template"):
+        flr.direct_rewards(tiny_model("llama"), tok, ["q"], ["a"])
+
+
+def test_accuracy_difference_is_paired():
+    a_c, a_r = [1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]  # 3 of 4 right
+    same = flr.accuracy_difference(a_c, a_r, a_c, a_r)
+    assert same["difference"] == 0.0 and same["low"] == 0.0 and same["high"] == 0.0
+    d = flr.accuracy_difference(a_c, a_r, [0.0] * 4, [1.0] * 4)
+    assert d["difference"] == pytest.approx(0.75) and d["low"] <= 0.75 <= d["high"] and d["n"] == 4
