@@ -58,7 +58,8 @@ import numpy as np
 import torch
 
 from nca_kit.cache import Cache
-from nca_kit.logps import normalize_prompt, tokenize_reward_record
+from nca_kit.data import as_messages as normalize_prompt
+from nca_kit.logps import tokenize_reward_record
 
 __all__ = [
     "CATEGORIES",
