@@ -138,7 +138,8 @@ class ToyWorld:
         return float(top + np.log(np.sum(self.mu * np.exp(scaled - top))))
 
     def optimal_policy(self, alpha: float, beta: float = 1.0) -> np.ndarray:
-        r"""``pi ∝ mu * exp(r / (alpha * beta))``, shape ``(N,)``: the policy with ``beta * log(pi/mu) = r/alpha + c``.
+        r"""``pi ∝ mu * exp(r / (alpha * beta))``, shape ``(N,)``: the policy with
+        ``beta * log(pi/mu) = r/alpha + c``.
 
         With ``beta = 1`` this is the paper's ``pi* = mu·exp(r/alpha) / Z`` (Eq. 3; Theorems 3.2 and 4.2), the
         maximiser of ``E_pi[r] - alpha * KL(pi || mu)``.
@@ -314,7 +315,8 @@ def reward_sample(world: ToyWorld, sampling: str = "mu", max_k: int = 10_000) ->
         raise ValueError(f"sampling must be 'mu' or 'uniform', got {sampling!r}")
     fractions = [Fraction(float(p)).limit_denominator(max_k) for p in world.mu]
     if any(abs(float(f) - p) > 1e-12 for f, p in zip(fractions, world.mu)):
-        raise ValueError(f"mu={world.mu.tolist()} has no exact representation with K <= {max_k}; use sampling='uniform'")
+        raise ValueError(f"mu={world.mu.tolist()} has no exact representation with K <= {max_k}; "
+                         f"use sampling='uniform'")
     k = math.lcm(*(f.denominator for f in fractions))
     counts = [int(f * k) for f in fractions]
     return torch.repeat_interleave(torch.arange(world.n), torch.tensor(counts))  # (K,)
