@@ -11,12 +11,7 @@ from nca_kit.packing import pack_sequences, packed_states
 LAYOUTS = ["packed", "shared_prompt"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def msgs(text):
@@ -60,7 +55,9 @@ def sharp_model(arch="mistral", attn="eager", seed=0, lora=True):
         return model
     from peft import get_peft_model
 
-    model = get_peft_model(model, LoraSettings(lora_dropout=0.0).to_peft())
+    with torch.random.fork_rng(devices=[]):  # LoRA A's init draws from the global stream: same model in any test order
+        torch.manual_seed(seed)
+        model = get_peft_model(model, LoraSettings(lora_dropout=0.0).to_peft())
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
