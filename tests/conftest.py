@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
@@ -36,3 +37,13 @@ def notebook_env(tmp_path, monkeypatch) -> dict[str, str]:
     monkeypatch.setenv("NCA_KIT_OUT", str(tmp_path / "out"))
     monkeypatch.delenv("MPLBACKEND", raising=False)
     return dict(os.environ)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is fastest, and spares a CPU shared with other jobs. A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,12 +20,7 @@ from nca_kit.models import tiny_model, tiny_tokenizer
 from nca_kit.training import TrainConfig, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def msgs(text):

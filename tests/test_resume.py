@@ -8,7 +8,6 @@ import shutil
 import datasets
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from nca_kit.training import train
@@ -18,12 +17,7 @@ SETTINGS = dict(per_device_batch_size=2, batch_size=2, max_steps=10, save_steps=
                 lora_dropout=0.1, group_by_length=True, loss_type="nca")  # 8 prompts: 4 steps an epoch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(folder, **overrides):
