@@ -1,6 +1,7 @@
 """Follow-up Likelihood as Reward: prefix-shared scoring, which tokens are scored, both variants, Direct, errors."""
 
 import json
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -224,3 +225,12 @@ def test_accuracy_difference_is_paired():
     assert same["difference"] == 0.0 and same["low"] == 0.0 and same["high"] == 0.0
     d = flr.accuracy_difference(a_c, a_r, [0.0] * 4, [1.0] * 4)
     assert d["difference"] == pytest.approx(0.75) and d["low"] <= 0.75 <= d["high"] and d["n"] == 4
+
+
+def test_hh_pairs_are_prefixes_of_one_seeded_order():
+    from nca_kit.data import hh_rlhf_local_path
+
+    path = hh_rlhf_local_path() or Path(__file__).resolve().parents[1] / "data" / "hh_rlhf_sample.jsonl"
+    small, large, every = flr.hh_pairs(2, seed=3, path=path), flr.hh_pairs(10**6, seed=3, path=path), \
+        flr.hh_pairs(None, seed=3, path=path)
+    assert small["chosen"] == large["chosen"][:2] and large["chosen"] == every["chosen"]

@@ -934,8 +934,8 @@ def ranking_metrics(scores: Sequence[Sequence[float]], golden: Sequence[Sequence
 
 def hh_pairs(n: int | None = None, *, seed: int = 0, path: str | os.PathLike | None = None):
     """HH-RLHF harmless-base test pairs (:func:`nca_kit.data.load_hh_rlhf`; the 4 of 2,312 rows with an empty reply
-    are skipped): all of them, or a fixed subset of ``n`` drawn with ``seed``. The subset is a prefix of one seeded
-    order, so a larger ``n`` keeps the pairs of a smaller one first (and their cached scores)."""
+    are skipped), in one order shuffled with ``seed``, cut to the first ``n``: a larger ``n`` keeps the pairs of a
+    smaller one first (and their cached scores)."""
     from nca_kit.data import load_hh_rlhf
 
     data_logger = logging.getLogger("nca_kit.data")  # its load report names the file: keep it out of outputs
@@ -945,9 +945,8 @@ def hh_pairs(n: int | None = None, *, seed: int = 0, path: str | os.PathLike | N
         ds = load_hh_rlhf(path, on_invalid="skip")
     finally:
         data_logger.setLevel(level)
-    if n is not None and n < len(ds):
-        ds = ds.shuffle(seed=seed).select(range(n))
-    return ds
+    ds = ds.shuffle(seed=seed)  # always: n only cuts the one seeded order, so any n keeps the pairs of a smaller one
+    return ds if n is None else ds.select(range(min(n, len(ds))))
 
 
 @dataclass
