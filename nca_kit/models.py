@@ -197,6 +197,36 @@ def _resolve_source(name_or_path: str) -> str:
     return str(name_or_path)
 
 
+def enable_checkpointing(model) -> None:
+    """Turn on activation (gradient) checkpointing, non-reentrant, under the name this transformers version uses
+    (``activation_checkpointing_enable`` in recent releases, ``gradient_checkpointing_enable`` before)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def qlora_quantization_config(double_quant: bool = True):
+    """The QLoRA 4-bit config (Dettmers et al. 2023; the paper's official scripts): NF4 weights, bf16 matmuls, double
+    quantisation of the scales. The packed 4-bit weights are stored as ``bfloat16`` (``bnb_4bit_quant_storage``), the
+    dtype FSDP needs to shard them with the rest of the model (``configs/accelerate/fsdp_qlora.yaml``); with one
+    process or DDP the storage dtype changes nothing (same bytes, same numbers)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",  # QLoRA: NormalFloat4
+        bnb_4bit_compute_dtype=torch.bfloat16,  # QLoRA: matmuls in bf16
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_quant_storage=torch.bfloat16,  # FSDP shards tensors of one dtype: store the 4-bit packs as bf16
+    )
+
+
+def _under_fsdp() -> bool:
+    """True inside ``accelerate launch`` with an FSDP config (accelerate sets ``ACCELERATE_USE_FSDP``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -251,16 +281,11 @@ def load_model(
         source = _resolve_source(name)
         kwargs: dict = {"dtype": dtype}
         if quantize_4bit:
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",  # QLoRA: NormalFloat4
-                bnb_4bit_compute_dtype=torch.bfloat16,  # QLoRA: matmuls in bf16
-                bnb_4bit_use_double_quant=double_quant,
-            )
-            # One full copy per process; under `accelerate launch` each process takes its own GPU.
-            kwargs["device_map"] = {"": device.index if device.index is not None else _local_rank()}
+            kwargs["quantization_config"] = qlora_quantization_config(double_quant)
+            if not _under_fsdp():
+                # One full copy per process; under `accelerate launch` each process takes its own GPU. Under FSDP
+                # there is no device map: FSDP shards the (bf16-stored) 4-bit weights across the processes.
+                kwargs["device_map"] = {"": device.index if device.index is not None else _local_rank()}
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -282,7 +307,7 @@ def load_model(
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         if lora is not None:
             model.enable_input_require_grads()  # frozen embeddings: let checkpointed blocks see a grad input
     if gradient_checkpointing:

@@ -36,8 +36,11 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from nca_kit.config import FORWARD_LAYOUTS
+
 __all__ = [
     "FORWARD_LAYOUTS",
+    "cache_argument",
     "pack_sequences",
     "packed_states",
     "PrefixCache",
@@ -47,7 +50,6 @@ __all__ = [
     "shared_prompt_states",
 ]
 
-FORWARD_LAYOUTS = ("padded", "packed", "shared_prompt")
 
 
 def _unwrap(model):
@@ -156,7 +158,7 @@ class PrefixCache(DynamicCache):
         return [(layer.keys, layer.values) for layer in self.layers]
 
 
-def _cache_argument(model) -> str:
+def cache_argument(model) -> str:
     """The forward's name for the key/value cache: ``cache`` (recent transformers) or ``past_key_values``."""
     base = _unwrap(model)
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
@@ -199,7 +201,7 @@ def encode_prefixes(model, ids: torch.Tensor, mask: torch.Tensor) -> EncodedPref
     cache = PrefixCache()
     with _cache_safe_checkpointing(model):
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
-                    output_hidden_states=True, **{_cache_argument(model): cache})
+                    output_hidden_states=True, **{cache_argument(model): cache})
     lengths = mask.sum(-1)  # (B,)
     last = _hidden(out)[torch.arange(ids.shape[0], device=ids.device), lengths - 1]  # (B, H)
     return EncodedPrefixes(cache.keys_values(), mask, lengths, last)
@@ -222,7 +224,7 @@ def continue_from_prefixes(model, prefix: EncodedPrefixes, owner: torch.Tensor, 
     with _cache_safe_checkpointing(model):
         out = model(input_ids=ids, attention_mask=torch.cat([prefix.mask[owner], mask], dim=1),  # (N, P + T)
                     position_ids=positions, use_cache=True, logits_to_keep=1, output_hidden_states=True,
-                    **{_cache_argument(model): PrefixCache(rows)})
+                    **{cache_argument(model): PrefixCache(rows)})
     return _hidden(out)  # (N, T, H)
 
 

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from nca_kit.packing import cache_argument
+
 __all__ = ["sample_responses", "prefix_cache"]
 
 
@@ -77,7 +79,7 @@ def sample_responses(
                 ids, mask = enc["input_ids"], enc["attention_mask"]  # (P, T)
                 extra = {}
                 if share_prefix and k > 1 and ids.shape[1] > 1:
-                    extra["past_key_values"] = prefix_cache(model, ids, mask, k)
+                    extra[cache_argument(model)] = prefix_cache(model, ids, mask, k)
                 ids, mask = ids.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)  # (P*k, T)
                 torch.manual_seed(seed * 1_000_003 + b)
                 out = model.generate(
@@ -112,6 +114,6 @@ def prefix_cache(model, ids: torch.Tensor, mask: torch.Tensor, k: int):
     cache = DynamicCache(config=model.config)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (P, T)
     model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-          past_key_values=cache, use_cache=True, logits_to_keep=1)
+          use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
     cache.batch_repeat_interleave(k)
     return cache

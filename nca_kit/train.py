@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from nca_kit.training import TrainConfig, train
+from nca_kit.config import TrainConfig  # light: the trainer's heavy imports wait until a valid config is read
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, str]:
@@ -70,6 +70,8 @@ def build_config(argv: list[str] | None = None) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     config = build_config(argv)
+    from nca_kit.training import train
+
     try:
         result = train(config)
     except (OSError, ImportError, RuntimeError, ValueError) as err:

@@ -119,3 +119,21 @@ def test_deepspeed_json_fills_auto_values_from_the_kit():
     assert hf.is_zero3()
     assert hf.config["train_micro_batch_size_per_gpu"] == 2 and hf.config["gradient_accumulation_steps"] == 2
     assert hf.config["train_batch_size"] == 2 * 2  # x world size 1 here
+
+
+def test_qlora_loader_stores_4bit_weights_as_bf16_and_leaves_placement_to_fsdp(monkeypatch):
+    """QLoRA + FSDP (configs/accelerate/fsdp_qlora.yaml) needs the packed 4-bit weights stored in FSDP's dtype and no
+    per-process device map; the launcher's environment is what the loader reads."""
+    import torch
+
+    from nca_kit import models
+
+    config = models.qlora_quantization_config(double_quant=True)
+    assert config.bnb_4bit_quant_storage == torch.bfloat16
+    assert config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
+    args, _ = _launch_args(CONFIG_DIR / "fsdp_qlora.yaml", monkeypatch)
+    for key, value in prepare_multi_gpu_env(args).items():
+        monkeypatch.setenv(key, value)
+    assert models._under_fsdp()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert not models._under_fsdp()

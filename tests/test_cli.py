@@ -72,3 +72,37 @@ def test_override_parsing_in_process():
     assert config.lora_r == 4 and config.bf16 is False and config.max_train_samples is None
     with pytest.raises(SystemExit):
         build_config(["--config", TINY, "--learning_rate", "fast"])
+
+
+def test_help_and_config_errors_do_not_import_the_training_stack():
+    # --help and a bad value answer in well under a second: nothing heavy is imported before the config is valid.
+    code = (
+        "import sys, nca_kit.train as t\n"
+        "try:\n"
+        "    t.build_config(['--config', 'configs/tiny_cpu.yaml', '--alpha', 'abc'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft', 'datasets', "
+        "'bitsandbytes'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"heavy modules imported before the config was read: {out.stdout}"
+    assert "alpha expects a number, got 'abc'" in out.stderr
+
+
+def test_optional_cpu_kernel_notice_of_bitsandbytes_is_dropped_and_others_pass():
+    import logging
+
+    import nca_kit  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "offline")
+        logger.warning("some other bitsandbytes warning")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["some other bitsandbytes warning"]

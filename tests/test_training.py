@@ -242,3 +242,13 @@ def test_passed_plain_model_gets_lora_from_config(tmp_path):
 def test_passed_dataset_needs_a_known_schema(tmp_path):
     with pytest.raises(ValueError, match="neither the reward schema"):
         run(tmp_path, [{"prompt": msgs("hi"), "text": "hello"}])
+
+
+def test_disable_tqdm_silences_every_progress_bar_and_restores_the_switches(tmp_path, capfd):
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    run(tmp_path, reward_rows(), max_steps=1)
+    err = capfd.readouterr().err
+    assert "tokenize" not in err and "it/s" not in err and "%|" not in err, f"progress bars despite disable_tqdm:\n{err}"
+    assert datasets.is_progress_bar_enabled() and hf_logging.is_progress_bar_enabled(), "global switches not restored"

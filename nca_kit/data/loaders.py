@@ -806,7 +806,7 @@ def load_hh_rlhf(
 
 # ----- what the trainer reads ----------------------------------------------------------------------------------------
 
-DATA_KINDS = ("auto", "reward", "pairwise")
+from nca_kit.config import DATA_KINDS  # noqa: E402  (one definition, shared with TrainConfig)
 
 
 def load_training_dataset(source, *, layout: str | None = None, split: str = "train", data_kind: str = "auto",

@@ -45,7 +45,6 @@ interrupted run resumes and a rerun is instant.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -60,6 +59,7 @@ import torch
 from nca_kit.cache import Cache
 from nca_kit.data import as_messages as normalize_prompt
 from nca_kit.logps import tokenize_reward_record
+from nca_kit.packing import cache_argument
 
 __all__ = [
     "CATEGORIES",
@@ -280,12 +280,6 @@ def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _cache_argument(model) -> str:
-    """The forward's name for the key/value cache: ``cache`` (recent transformers) or ``past_key_values``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
 @dataclass
 class _EncodedPrefixes:
     """The key/value cache of ``B`` left-padded prefixes, their mask, and the state after each one's last token."""
@@ -304,7 +298,7 @@ def _encode_prefixes(model, prefixes) -> _EncodedPrefixes:
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
     cache = DynamicCache(config=model.config)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                output_hidden_states=True, **{_cache_argument(model): cache})
+                output_hidden_states=True, **{cache_argument(model): cache})
     return _EncodedPrefixes([(k, v) for k, v, *_ in cache], mask, out.hidden_states[-1][:, -1])
 
 
@@ -328,7 +322,7 @@ def _continue(model, prefix: _EncodedPrefixes, continuations, owner):
     lengths = prefix.mask.sum(-1)[owner]  # (N,)
     out = model(input_ids=ids, attention_mask=torch.cat([prefix.mask[owner], mask], dim=1),  # (N, P + T)
                 position_ids=lengths[:, None] + torch.arange(ids.shape[1], device=device), use_cache=True,
-                logits_to_keep=1, output_hidden_states=True, **{_cache_argument(model): cache})
+                logits_to_keep=1, output_hidden_states=True, **{cache_argument(model): cache})
     hidden = out.hidden_states[-1]  # (N, T, H)
     return torch.cat([prefix.last[owner, None], hidden], dim=1), ids, mask.bool()  # (N, T + 1, H)
 
