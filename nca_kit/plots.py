@@ -257,3 +257,35 @@ def plot_error_bars(categories, series: dict, *, title: str, xlabel: str, ylabel
 
 
 __all__ += ["plot_reward_histogram", "plot_band_lines", "plot_error_bars"]
+
+
+def plot_gain_vs_quality(points: dict, *, title: str, xlabel: str, ylabels, settings: dict | None = None,
+                         path=None):
+    """Policy gain against reward quality, one panel per gain metric, one marker style per method.
+
+    ``points`` maps a method to a list of ``(label, x, x_err, ys)``: ``label`` names the point (the reward source),
+    ``x`` its reward quality, ``ys`` one ``(mean, (below, above))`` per panel (e.g. min/max over seeds);
+    ``x_err`` a ``(below, above)`` pair too. ``ylabels``: one label per panel. A dashed line marks no gain.
+    """
+    fig, axes = plt.subplots(1, len(ylabels), figsize=(5.2 * len(ylabels), 4.2), squeeze=False)
+    markers = "osD^vP*X"
+    for panel, (ax, ylabel) in enumerate(zip(axes[0], ylabels)):
+        ax.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+        for i, (method, pts) in enumerate(points.items()):
+            xs = [p[1] for p in pts]
+            ys = [p[3][panel][0] for p in pts]
+            xerr = np.array([p[2] for p in pts], float).T
+            yerr = np.array([p[3][panel][1] for p in pts], float).T
+            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt=markers[i % len(markers)], capsize=3, label=method,
+                        alpha=0.85)
+            if i == 0:
+                for label, x, _, y in pts:
+                    ax.annotate(label, (x, y[panel][0]), textcoords="offset points", xytext=(4, 6), fontsize=7)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+    axes[0][0].legend()
+    fig.suptitle(titled(title, settings))
+    fig.tight_layout()
+    return save(fig, path)
+
+
+__all__ += ["plot_gain_vs_quality"]
