@@ -134,14 +134,15 @@ def embedding_rewards(train, spec: ExperimentSpec, cache_dir=None):
     """A reward model on frozen all-MiniLM-L6-v2 embeddings (:mod:`nca_kit.rewards.embedding`; ``embedding_bt``:
     Bradley-Terry head, ``embedding_clf``: classification head), fitted on simulated annotations of the *last*
     ``reward_fit_prompts`` training prompts: every pair of answers to one prompt with different rubric rewards,
-    labelled by a perfect annotator (tau = 0, no flips). It then scores the answers of the other training prompts,
-    the ones the policy trains on, which it never saw. The head's initialisation is seeded by ``spec.seed``."""
+    labelled by a perfect annotator (tau = 0, no flips). It then scores the answers of the first ``reward_prompts``
+    training prompts, the ones the policy trains on, which it never saw. The head's initialisation is seeded by
+    ``spec.seed``."""
     from nca_kit.cache import Cache
     from nca_kit.rewards import embedding
 
     head = embedding.REWARD_SOURCES[spec.reward_source]
-    policy, fit = _policy_prompts(spec), train.select(range(_policy_prompts(spec), len(train)))
-    scored = train.select(range(policy))
+    fit = train.select(range(len(train) - spec.reward_fit_prompts, len(train)))
+    scored = train.select(range(spec.reward_prompts))
 
     def compute():
         golden = rubric_rewards(fit, spec)
@@ -161,14 +162,14 @@ def followup_rewards(train, spec: ExperimentSpec, cache_dir=None):
     """Scores of the spec's own model with no training (:mod:`nca_kit.rewards.followup`): ``flr``, the follow-up
     likelihood of the correctness follow-ups (:data:`~nca_kit.rewards.followup.ARITHMETIC_FOLLOWUPS`, 10 satisfied
     and 10 dissatisfied replies, the paper's variant), or ``direct``, the answer's own mean token log-probability.
-    Scores the answers of the policy prompts (the first ``n_train - reward_fit_prompts``). The model is loaded only
+    Scores the answers of the policy prompts (the first ``reward_prompts``). The model is loaded only
     when the scores are not cached yet; the module's own cache keeps them block by block, so an interrupted
     scoring resumes."""
     from nca_kit.cache import Cache
     from nca_kit.models import load_model
     from nca_kit.rewards import followup
 
-    scored = train.select(range(_policy_prompts(spec)))
+    scored = train.select(range(spec.reward_prompts))
     extra = {"followups": "arithmetic", "variant": "paper"} if spec.reward_source == "flr" else {}
 
     def compute():
@@ -187,14 +188,14 @@ def random_rewards(train, spec: ExperimentSpec, cache_dir=None):
     information."""
     import numpy as np
 
-    scored = train.select(range(_policy_prompts(spec)))
+    scored = train.select(range(spec.reward_prompts))
     rng = np.random.default_rng([spec.seed, 0x5EED])
     return _with_rewards(scored, [rng.uniform(0, 10, size=len(ys)).tolist() for ys in scored["responses"]])
 
 
 #: name -> function ``(train split, spec, cache_dir) -> train split with its "rewards" column re-scored``. Every
-#: source but the rubric scores the first ``n_train - reward_fit_prompts`` training prompts (the policy prompts) and
-#: returns only those; the embedding heads are fitted on the rest.
+#: source but the rubric scores the first ``reward_prompts`` training prompts (the policy prompts) and returns only
+#: those; the embedding heads are fitted on the last ``reward_fit_prompts``, which the policy never sees.
 REWARD_SOURCES: dict[str, Callable] = {
     "rubric": rubric_rewards,  # golden: the rubric itself
     "embedding_bt": embedding_rewards,  # Bradley-Terry head on MiniLM embeddings, fitted on the other prompts
@@ -206,10 +207,6 @@ REWARD_SOURCES: dict[str, Callable] = {
 #: Sources fitted on annotations (of the last ``reward_fit_prompts`` training prompts).
 FITTED_SOURCES = ("embedding_bt", "embedding_clf")
 _SOURCES_VERSION = "sources-v1"  # bump when a source's scoring changes (it keys the cached rewards)
-
-
-def _policy_prompts(spec: ExperimentSpec) -> int:
-    return spec.n_train - spec.reward_fit_prompts
 
 
 def check_scored(train, what: str = "dataset") -> None:
@@ -260,7 +257,8 @@ class ExperimentSpec:
     model: str = "smollm2-135m-instruct"  # nca_kit.models.load_model name; it also samples the dataset
     data: str = "arith"  # a DATA_SOURCES name
     reward_source: str = "rubric"  # a REWARD_SOURCES name: who scores the K responses
-    reward_fit_prompts: int = 150  # the last training prompts fit the embedding heads; non-rubric sources score the rest
+    reward_prompts: int = 100  # the first training prompts: all the policy may train on when the source is not rubric
+    reward_fit_prompts: int = 150  # the last training prompts: what the embedding heads are fitted on
     n_train: int = 300  # training prompts of the dataset
     n_test: int = 100  # held-out prompts (disjoint question texts)
     data_k: int = 4  # responses sampled per prompt when the dataset is made (the paper's K = 4)
@@ -294,9 +292,11 @@ class ExperimentSpec:
         _require_in("data", self.data, DATA_SOURCES)
         _require_in("reward_source", self.reward_source, REWARD_SOURCES)
         if self.reward_source != "rubric":
-            _require("reward_fit_prompts", 1 <= self.reward_fit_prompts < self.n_train,
-                     f"an integer from 1 to n_train - 1 = {self.n_train - 1} for reward_source {self.reward_source}",
-                     self.reward_fit_prompts)
+            _require("reward_prompts", 1 <= self.reward_prompts < self.n_train,
+                     f"an integer from 1 to n_train - 1 = {self.n_train - 1}", self.reward_prompts)
+            _require("reward_fit_prompts", 1 <= self.reward_fit_prompts <= self.n_train - self.reward_prompts,
+                     f"an integer from 1 to n_train - reward_prompts = {self.n_train - self.reward_prompts} (the "
+                     "prompts a reward model is fitted on are never trained on)", self.reward_fit_prompts)
         _require_in("method", self.method, METHODS)
         for name in ("n_train", "n_test", "steps", "batch", "n_eval", "eval_samples", "max_new_tokens",
                      "max_prompt_length"):
@@ -316,10 +316,9 @@ class ExperimentSpec:
                  f"at most n_train / batch = {self.n_train // self.batch} (each of the n_train = {self.n_train} "
                  f"prompts is seen once, batch = {self.batch} per step)", self.steps)
         if self.reward_source != "rubric":
-            policy = self.n_train - self.reward_fit_prompts
-            _require("steps", self.steps * self.batch <= policy,
-                     f"at most {policy // self.batch} for reward_source {self.reward_source} (it scores only the "
-                     f"n_train - reward_fit_prompts = {policy} policy prompts, batch = {self.batch} per step)",
+            _require("steps", self.steps * self.batch <= self.reward_prompts,
+                     f"at most {self.reward_prompts // self.batch} for reward_source {self.reward_source} (it scores "
+                     f"only the reward_prompts = {self.reward_prompts} policy prompts, batch = {self.batch} per step)",
                      self.steps)
         _require("n_eval", self.n_eval <= self.n_test, f"at most n_test = {self.n_test}", self.n_eval)
         _require("seed", self.seed >= 0, "an integer >= 0", self.seed)
@@ -469,8 +468,7 @@ class Experiment:
             self.train_split = REWARD_SOURCES[spec.reward_source](train, spec, cache_dir=self.cache_dir)
             check_scored(self.train_split, f"reward_source {spec.reward_source}")
             self.test_split = self.dataset["test"]
-            policy = min(_policy_prompts(spec), len(self.train_split))
-            policy = policy if policy >= 1 else len(self.train_split)  # the rubric on a small set: all of it
+            policy = min(spec.reward_prompts, len(self.train_split))
             self.reward_quality = reward_quality(self.train_split.select(range(policy)),
                                                  rubric_rewards(train.select(range(policy)), spec), spec.alpha)
         return self.dataset

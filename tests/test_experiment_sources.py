@@ -30,16 +30,17 @@ def features(prompts, responses, *args, **kwargs):
     for prompt, text in zip(prompts, responses):
         numbers = [int(n) for n in re.findall(r"-?\d+", prompt[0]["content"] if isinstance(prompt, list) else prompt)]
         found = re.findall(r"-?\d+", text)
-        right = bool(found) and len(numbers) >= 2 and int(found[-1]) in (numbers[0] + numbers[1], numbers[0] - numbers[1])
+        right = bool(found) and len(numbers) >= 2 and int(found[-1]) in (numbers[0] + numbers[1],
+                                                                         numbers[0] - numbers[1])
         out.append([float(right), len(text.split()) / 10.0, float(len(found) == 1)])
     return np.asarray(out, dtype=np.float32)
 
 
 def test_random_rewards_are_seeded_by_the_spec_and_cover_the_policy_prompts(train, tmp_path):
-    spec = ExperimentSpec(reward_source="random", reward_fit_prompts=200)
+    spec = ExperimentSpec(reward_source="random", reward_prompts=100, reward_fit_prompts=200)
     a = xp.random_rewards(train, spec, cache_dir=tmp_path)
     b = xp.random_rewards(train, spec, cache_dir=tmp_path)
-    c = xp.random_rewards(train, ExperimentSpec(reward_source="random", reward_fit_prompts=200, seed=1),
+    c = xp.random_rewards(train, ExperimentSpec(reward_source="random", reward_prompts=100, seed=1),
                           cache_dir=tmp_path)
     assert len(a) == 100 and a["responses"] == train.select(range(100))["responses"]
     assert a["rewards"] == b["rewards"] and a["rewards"] != c["rewards"]
@@ -61,7 +62,7 @@ def test_reward_quality_is_one_for_the_rubric_and_zero_for_its_reverse(train):
 
 def test_embedding_source_fits_on_the_last_prompts_scores_the_others_and_is_cached(train, tmp_path, monkeypatch):
     monkeypatch.setattr(embedding, "embed", features)
-    spec = ExperimentSpec(reward_source="embedding_bt", reward_fit_prompts=200, steps=10)
+    spec = ExperimentSpec(reward_source="embedding_bt", reward_prompts=100, reward_fit_prompts=200, steps=10)
     scored = xp.embedding_rewards(train, spec, cache_dir=tmp_path)
     assert len(scored) == 100 and scored["prompt"] == train.select(range(100))["prompt"]
     quality = reward_quality(scored, xp.rubric_rewards(train.select(range(100)), spec))
@@ -72,8 +73,9 @@ def test_embedding_source_fits_on_the_last_prompts_scores_the_others_and_is_cach
 
 def test_a_whole_load_data_records_the_source_quality(train, tmp_path, monkeypatch):
     monkeypatch.setattr(embedding, "embed", features)
-    run = Experiment(ExperimentSpec(reward_source="embedding_clf", reward_fit_prompts=200, steps=10, method="dpo"),
-                     out=tmp_path, cache_dir=tmp_path / "cache")
+    spec = ExperimentSpec(reward_source="embedding_clf", reward_prompts=100, reward_fit_prompts=200, steps=10,
+                          method="dpo")
+    run = Experiment(spec, out=tmp_path, cache_dir=tmp_path / "cache")
     run.load_data()
     assert len(run.train_split) == 100 and run.reward_quality["n_prompts"] == 100
     assert 0.5 < run.reward_quality["accuracy"] <= 1.0
@@ -91,13 +93,13 @@ def test_followup_sources_load_the_model_once_then_read_the_cache(train, tmp_pat
 
     monkeypatch.setattr(models, "load_model", tiny)
     for source in ("flr", "direct"):
-        spec = ExperimentSpec(reward_source=source, reward_fit_prompts=297, steps=1, batch=2)
+        spec = ExperimentSpec(reward_source=source, reward_prompts=3, steps=1, batch=2)
         first = xp.followup_rewards(train, spec, cache_dir=tmp_path)
         assert len(first) == 3 and all(np.isfinite(r) for row in first["rewards"] for r in row)
         again = xp.followup_rewards(train, spec, cache_dir=tmp_path)
         assert again["rewards"] == first["rewards"]
     assert loads == ["smollm2-135m-instruct"] * 2  # once per source: the second call read the cached rewards
-    assert first["rewards"] != xp.followup_rewards(train, ExperimentSpec(reward_source="flr", reward_fit_prompts=297,
+    assert first["rewards"] != xp.followup_rewards(train, ExperimentSpec(reward_source="flr", reward_prompts=3,
                                                                          steps=1, batch=2),
                                                    cache_dir=tmp_path)["rewards"]  # flr and direct differ
 
@@ -124,7 +126,8 @@ def test_a_source_that_cannot_be_fitted_says_why(train, tmp_path, monkeypatch):
     monkeypatch.setattr(embedding, "embed", features)
     tied = [i for i, rs in enumerate(train["rewards"]) if len(set(rs)) == 1]  # prompts with four equal rewards
     data = train.select(list(range(10)) + tied[:3])
-    spec = ExperimentSpec(reward_source="embedding_bt", n_train=13, reward_fit_prompts=3, steps=2, batch=2)
+    spec = ExperimentSpec(reward_source="embedding_bt", n_train=13, reward_prompts=10, reward_fit_prompts=3, steps=2,
+                          batch=2)
     with pytest.raises(ValueError, match=r"^reward_source embedding_bt could not be fitted on the last "
                                          r"reward_fit_prompts = 3 training prompts: rewards: no prompt") as info:
         xp.embedding_rewards(data, spec, cache_dir=tmp_path)

@@ -121,7 +121,7 @@ def test_a_sweep_of_reward_sources_runs_every_method_on_each_source_seed_by_seed
         grid.plan_sources(["nca"], [0], ["rubric", "gpt4"])
     with pytest.raises(SystemExit, match="-p REWARD_SOURCE: the reward source is swept by --sources"):
         grid.specs(runs, {"REWARD_SOURCE": "flr"}, smoke=False)
-    with pytest.raises(SystemExit, match="steps must be at most 37 for reward_source flr"):
+    with pytest.raises(SystemExit, match="steps must be at most 25 for reward_source flr"):
         grid.specs(runs, {"STEPS": 40}, smoke=False)
 
 
