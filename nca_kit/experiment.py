@@ -429,16 +429,21 @@ def method_dataset(train, method: str, *, k: int = 4, seed: int = 0):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+_BASE_MODELS: dict = {}  # (model, device) -> (model, tokenizer) kept by Experiment(reuse_model=True)
+
+
 class Experiment:
     """One run of ``spec``, step by step; each step keeps its result on the object (see the module docstring).
 
     ``out``: the run folder is ``<out>/tiny_runs/<spec.run_name>``. ``data_dir``: committed datasets, searched first;
-    ``cache_dir``: where generated datasets and base-model evaluations are cached.
+    ``cache_dir``: where generated datasets and base-model evaluations are cached. ``reuse_model``: keep the loaded
+    base model in memory for the next run of this process (a grid), and give each run a copy with fresh adapters
+    (seeded by ``spec.seed`` right before they are made) instead of loading the weights again.
     """
 
     def __init__(self, spec: ExperimentSpec, *, out: str | Path = "runs", data_dir: str | Path = DATA_DIR,
-                 cache_dir: str | Path = CACHE_DIR, progress: bool = False):
-        self.spec, self.progress = spec, progress
+                 cache_dir: str | Path = CACHE_DIR, progress: bool = False, reuse_model: bool = False):
+        self.spec, self.progress, self.reuse_model = spec, progress, reuse_model
         self.out, self.data_dir, self.cache_dir = Path(out), Path(data_dir), Path(cache_dir)
         self.run_dir = self.out / "tiny_runs" / spec.run_name
         self.seconds: dict[str, float] = {}
@@ -495,8 +500,22 @@ class Experiment:
 
         self._needs("test_split")
         with self._timed("model"):
-            set_seed(self.spec.seed)
-            self.model, self.tokenizer = load_model(self.spec.model, device=self.spec.device, lora=LoraSettings())
+            if self.reuse_model:
+                import copy
+
+                from peft import get_peft_model
+
+                key = (self.spec.model, self.spec.device)
+                if key not in _BASE_MODELS:
+                    _BASE_MODELS.clear()  # one base model at a time
+                    _BASE_MODELS[key] = load_model(self.spec.model, device=self.spec.device)
+                base, tokenizer = _BASE_MODELS[key]
+                self.tokenizer = copy.deepcopy(tokenizer)
+                set_seed(self.spec.seed)
+                self.model = get_peft_model(copy.deepcopy(base), LoraSettings().to_peft())
+            else:
+                set_seed(self.spec.seed)
+                self.model, self.tokenizer = load_model(self.spec.model, device=self.spec.device, lora=LoraSettings())
         self.problems = ev.problems_from(self.test_split.select(range(self.spec.n_eval)))
         return self.model, self.tokenizer
 

@@ -127,7 +127,7 @@ def execute(spec: ExperimentSpec, out: Path) -> tuple[bool, float]:
     lock.write_text(str(os.getpid()))
     started = time.time()
     try:
-        run_experiment(spec, out=out)
+        run_experiment(spec, out=out, reuse_model=True)  # the base weights are loaded once per grid
         ok = True
     except Exception as err:  # report, go on with the next run
         last = traceback.format_exception_only(type(err), err)[-1].strip()

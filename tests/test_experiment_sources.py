@@ -147,3 +147,36 @@ def test_a_dataset_without_scores_is_refused(train, rewards, message):
         method_dataset(part, "nca")
     with pytest.raises(ValueError, match=message.replace("train:", "scored:")):
         check_scored(part, "scored")
+
+
+def test_a_grid_loads_the_base_model_once_and_gives_each_run_fresh_adapters(train, monkeypatch):
+    import torch
+
+    from nca_kit import models
+
+    loads = []
+
+    def tiny(name, **kwargs):
+        loads.append(kwargs.get("lora"))
+        return models.tiny_model(), models.tiny_tokenizer()
+
+    monkeypatch.setattr(models, "load_model", tiny)
+    monkeypatch.setattr(xp, "_BASE_MODELS", {})
+    test = Experiment(ExperimentSpec(), out="unused")
+    test.load_data()
+    runs = []
+    for seed in (0, 0, 1):
+        run = Experiment(ExperimentSpec(seed=seed, n_eval=2), out="unused", reuse_model=True)
+        run.test_split = test.test_split
+        run.load_model()
+        runs.append(run)
+    assert loads == [None]  # one load of the bare base model for the three runs
+    lora = [{k: v for k, v in r.model.state_dict().items() if "lora_A" in k} for r in runs]
+    assert all(torch.equal(lora[0][k], lora[1][k]) for k in lora[0])  # same seed, same adapters
+    assert not all(torch.equal(lora[0][k], lora[2][k]) for k in lora[0])
+    base = xp._BASE_MODELS[("smollm2-135m-instruct", "cpu")][0]
+    with torch.no_grad():
+        runs[0].model.get_base_model().lm_head.weight.add_(1.0)  # what training one run's copy could do
+    assert not torch.equal(base.lm_head.weight, runs[0].model.get_base_model().lm_head.weight)
+    assert not any("lora" in k for k in base.state_dict())  # the kept base model is never wrapped
+    assert runs[0].model is not runs[1].model and runs[0].tokenizer is not runs[1].tokenizer
