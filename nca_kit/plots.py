@@ -289,3 +289,28 @@ def plot_gain_vs_quality(points: dict, *, title: str, xlabel: str, ylabels, sett
 
 
 __all__ += ["plot_gain_vs_quality"]
+
+
+def plot_source_vs_rubric(golden, scores, *, title: str, source: str, settings: dict | None = None, path=None):
+    """Each answer's reward from a source against its rubric reward, both as rows of K per prompt.
+
+    The source's rewards are centred per prompt (its mean over the prompt's K answers subtracted): NCA, InfoNCA and
+    the pair pruning only ever compare answers to the same prompt. Points are jittered sideways; a black bar marks
+    the mean at each rubric value. A good source climbs from left to right.
+    """
+    rubric = np.array([r for row in golden for r in row], float)
+    centred = np.array([r - np.mean(row) for row in scores for r in row], float)
+    rng = np.random.default_rng(0)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.scatter(rubric + rng.uniform(-0.25, 0.25, len(rubric)), centred, s=10, alpha=0.4, label="one answer")
+    values = np.unique(rubric)
+    means = [centred[rubric == v].mean() for v in values]
+    ax.scatter(values, means, marker="_", s=600, color="black", linewidths=2, label="mean")
+    ax.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+    ax.set(xlabel="rubric reward (golden, 0-10)", ylabel=f"{source} reward − its prompt mean",
+           title=titled(title, settings))
+    ax.legend()
+    return save(fig, path)
+
+
+__all__ += ["plot_source_vs_rubric"]
