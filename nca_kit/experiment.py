@@ -125,9 +125,18 @@ def _source_settings(train, spec: ExperimentSpec, **extra) -> dict:
 
 
 def _with_rewards(train, rewards):
+    """``train`` with ``rewards`` (B rows of K). A reward is a function of (prompt, answer): answers that repeat
+    within a prompt get the mean of their scores (a random draw each, or float noise of batched scoring, would
+    otherwise give one text two rewards, which the training data checks refuse)."""
     if len(rewards) != len(train) or any(len(r) != len(ys) for r, ys in zip(rewards, train["responses"])):
         raise ValueError(f"reward_source returned {len(rewards)} rows of rewards for {len(train)} prompts")
-    return train.remove_columns("rewards").add_column("rewards", [[float(x) for x in r] for r in rewards])
+    out = []
+    for ys, rs in zip(train["responses"], rewards):
+        by_text: dict[str, list[float]] = {}
+        for y, r in zip(ys, rs):
+            by_text.setdefault(y, []).append(float(r))
+        out.append([sum(by_text[y]) / len(by_text[y]) for y in ys])
+    return train.remove_columns("rewards").add_column("rewards", out)
 
 
 def embedding_rewards(train, spec: ExperimentSpec, cache_dir=None):

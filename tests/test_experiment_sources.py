@@ -180,3 +180,18 @@ def test_a_grid_loads_the_base_model_once_and_gives_each_run_fresh_adapters(trai
     assert not torch.equal(base.lm_head.weight, runs[0].model.get_base_model().lm_head.weight)
     assert not any("lora" in k for k in base.state_dict())  # the kept base model is never wrapped
     assert runs[0].model is not runs[1].model and runs[0].tokenizer is not runs[1].tokenizer
+
+
+def test_an_answer_repeated_within_a_prompt_gets_one_reward(train, tmp_path):
+    spec = ExperimentSpec(reward_source="random", reward_prompts=100)
+    scored = xp.random_rewards(train, spec, cache_dir=tmp_path)
+    repeats = 0
+    for ys, rs in zip(scored["responses"], scored["rewards"]):
+        for y in set(ys):
+            values = {r for t, r in zip(ys, rs) if t == y}
+            assert len(values) == 1, (y, values)
+            repeats += ys.count(y) > 1
+    assert repeats > 0  # the committed data has such answers
+    from nca_kit.data import validate_reward_dataset
+
+    validate_reward_dataset(scored.select_columns(["prompt", "responses", "rewards"]))  # the training checks pass
