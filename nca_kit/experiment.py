@@ -11,7 +11,8 @@ show each step; :func:`run_experiment` runs all steps and returns the record (wh
 The steps (each timed into ``record["seconds"]``):
 
 1. ``load_data`` — the arithmetic reward dataset of :mod:`nca_kit.generate` (``data/`` holds the default one), its
-   rewards then given by the ``reward_source`` (:data:`REWARD_SOURCES`);
+   rewards then given by the ``reward_source`` (:data:`REWARD_SOURCES`: the golden rubric, embedding reward models,
+   follow-up likelihood, Direct, or random), and that source's agreement with the rubric (:func:`reward_quality`);
 2. ``method_rows`` — the training rows of ``method`` (:data:`METHODS`: pairs or K scored responses);
 3. ``load_model`` + ``evaluate_base`` — the policy with fresh LoRA adapters, and the base model (adapters off)
    evaluated once per setting (cached);
@@ -23,6 +24,7 @@ Record schema (``<out>/tiny_runs/<run>/results.json``, one JSON object; :func:`f
     run, method, loss_type, reward_source, k, alpha, beta, lr, steps, batch, seed, smoke   the run in short
     spec            every field of the ExperimentSpec
     data            {"file", "train_prompts", "usable_rows"}: dataset file, prompts read, rows the method can use
+    reward_quality  the reward source against the rubric on the policy prompts (:func:`reward_quality`)
     train_rows      prompts trained on (steps x batch, each seen once)
     base, trained   EvalResult.summary() of the base model and of the trained policy (nca_kit.eval)
     trend           {"step", "chosen", "rejected"}: log pi - log mu of the best / worst training answer per step
@@ -30,8 +32,8 @@ Record schema (``<out>/tiny_runs/<run>/results.json``, one JSON object; :func:`f
     seconds         wall time per step: data, model, base_eval, train, eval, total; train_seconds = seconds.train
     paths           run_dir, results, metrics (metrics.jsonl), config (config.yaml), adapter
 
-Adding a reward source: one function ``(train_split, spec) -> train_split with new rewards`` and one line in
-:data:`REWARD_SOURCES`. Adding a method: one line in :data:`METHODS` (a loss of :mod:`nca_kit.losses`).
+Adding a reward source: one function ``(train_split, spec, cache_dir) -> train_split with new rewards`` and one line
+in :data:`REWARD_SOURCES`. Adding a method: one line in :data:`METHODS` (a loss of :mod:`nca_kit.losses`).
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ __all__ = [
     "flat_row",
     "load_records",
     "EVAL_METRICS",
+    "FITTED_SOURCES",
+    "check_scored",
+    "reward_quality",
 ]
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -98,21 +103,154 @@ EVAL_METRICS = ("greedy_accuracy", "sample_reward", "sample_accuracy", "kl")
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def rubric_rewards(train, spec: ExperimentSpec):
+def rubric_rewards(train, spec: ExperimentSpec, cache_dir=None):
     """The deterministic rubric of :func:`nca_kit.tasks.score` (0-10: correctness 6, format 2, brevity 2).
 
     Re-scores every response from its text, the known answer and whether sampling cut it off; on the committed
-    dataset this gives back exactly the stored rewards (tested).
+    dataset this gives back exactly the stored rewards (tested). It is the golden reward every other source is
+    measured against.
     """
     rewards = [[score(y, answer, truncated=cut).total for y, cut in zip(ys, cuts)]
                for ys, answer, cuts in zip(train["responses"], train["answer"], train["truncated"])]
     return train.remove_columns("rewards").add_column("rewards", rewards)
 
 
-#: name -> function ``(train split, spec) -> train split with its "rewards" column re-scored``.
+def _source_settings(train, spec: ExperimentSpec, **extra) -> dict:
+    """What a learned source's scores depend on: the texts (prompts and responses) and the source's own settings."""
+    from nca_kit.cache import settings_key
+
+    return {"version": _SOURCES_VERSION, "source": spec.reward_source,
+            "texts": settings_key([list(train["prompt"]), list(train["responses"])], length=32), "n": len(train),
+            **extra}
+
+
+def _with_rewards(train, rewards):
+    """``train`` with ``rewards`` (B rows of K). A reward is a function of (prompt, answer): answers that repeat
+    within a prompt get the mean of their scores (a random draw each, or float noise of batched scoring, would
+    otherwise give one text two rewards, which the training data checks refuse)."""
+    if len(rewards) != len(train) or any(len(r) != len(ys) for r, ys in zip(rewards, train["responses"])):
+        raise ValueError(f"reward_source returned {len(rewards)} rows of rewards for {len(train)} prompts")
+    out = []
+    for ys, rs in zip(train["responses"], rewards):
+        by_text: dict[str, list[float]] = {}
+        for y, r in zip(ys, rs):
+            by_text.setdefault(y, []).append(float(r))
+        out.append([sum(by_text[y]) / len(by_text[y]) for y in ys])
+    return train.remove_columns("rewards").add_column("rewards", out)
+
+
+def embedding_rewards(train, spec: ExperimentSpec, cache_dir=None):
+    """A reward model on frozen all-MiniLM-L6-v2 embeddings (:mod:`nca_kit.rewards.embedding`; ``embedding_bt``:
+    Bradley-Terry head, ``embedding_clf``: classification head), fitted on simulated annotations of the *last*
+    ``reward_fit_prompts`` training prompts: every pair of answers to one prompt with different rubric rewards,
+    labelled by a perfect annotator (tau = 0, no flips). It then scores the answers of the first ``reward_prompts``
+    training prompts, the ones the policy trains on, which it never saw. The head's initialisation is seeded by
+    ``spec.seed``."""
+    from nca_kit.cache import Cache
+    from nca_kit.rewards import embedding
+
+    head = embedding.REWARD_SOURCES[spec.reward_source]
+    fit = train.select(range(len(train) - spec.reward_fit_prompts, len(train)))
+    scored = train.select(range(spec.reward_prompts))
+
+    def compute():
+        golden = rubric_rewards(fit, spec)
+        try:
+            model = embedding.fit_reward_model(golden, head, seed=spec.seed, embed_kwargs={"cache_dir": cache_dir})
+        except ValueError as err:
+            raise ValueError(f"reward_source {spec.reward_source} could not be fitted on the last "
+                             f"reward_fit_prompts = {spec.reward_fit_prompts} training prompts: {err}") from None
+        return list(embedding.score_reward_dataset(model, scored)["rewards"])
+
+    settings = _source_settings(scored, spec, head=head, seed=spec.seed, embedder=embedding.MINILM,
+                                fit_texts=_source_settings(fit, spec)["texts"])
+    return _with_rewards(scored, Cache(cache_dir).json(f"rewards_{spec.reward_source}", settings, compute))
+
+
+def followup_rewards(train, spec: ExperimentSpec, cache_dir=None):
+    """Scores of the spec's own model with no training (:mod:`nca_kit.rewards.followup`): ``flr``, the follow-up
+    likelihood of the correctness follow-ups (:data:`~nca_kit.rewards.followup.ARITHMETIC_FOLLOWUPS`, 10 satisfied
+    and 10 dissatisfied replies, the paper's variant), or ``direct``, the answer's own mean token log-probability.
+    Scores the answers of the policy prompts (the first ``reward_prompts``). The model is loaded only
+    when the scores are not cached yet; the module's own cache keeps them block by block, so an interrupted
+    scoring resumes."""
+    from nca_kit.cache import Cache
+    from nca_kit.models import load_model
+    from nca_kit.rewards import followup
+
+    scored = train.select(range(spec.reward_prompts))
+    extra = {"followups": "arithmetic", "variant": "paper"} if spec.reward_source == "flr" else {}
+
+    def compute():
+        model, tokenizer = load_model(spec.model, device=spec.device)
+        rewards = followup.rescore_reward_dataset(scored, spec.reward_source, model, tokenizer, cache_dir=cache_dir,
+                                               progress=False, **extra)["rewards"]
+        return list(rewards)
+
+    settings = _source_settings(scored, spec, model=spec.model, **extra)
+    return _with_rewards(scored, Cache(cache_dir).json(f"rewards_{spec.reward_source}", settings, compute))
+
+
+def random_rewards(train, spec: ExperimentSpec, cache_dir=None):
+    """The control: rewards drawn uniformly from [0, 10) for the answers of the policy prompts, seeded by
+    ``spec.seed``. Training on them still trains on the model's own samples, with a preference that carries no
+    information."""
+    import numpy as np
+
+    scored = train.select(range(spec.reward_prompts))
+    rng = np.random.default_rng([spec.seed, 0x5EED])
+    return _with_rewards(scored, [rng.uniform(0, 10, size=len(ys)).tolist() for ys in scored["responses"]])
+
+
+#: name -> function ``(train split, spec, cache_dir) -> train split with its "rewards" column re-scored``. Every
+#: source but the rubric scores the first ``reward_prompts`` training prompts (the policy prompts) and returns only
+#: those; the embedding heads are fitted on the last ``reward_fit_prompts``, which the policy never sees.
 REWARD_SOURCES: dict[str, Callable] = {
-    "rubric": rubric_rewards,
+    "rubric": rubric_rewards,  # golden: the rubric itself
+    "embedding_bt": embedding_rewards,  # Bradley-Terry head on MiniLM embeddings, fitted on the other prompts
+    "embedding_clf": embedding_rewards,  # classification head, same annotations
+    "flr": followup_rewards,  # follow-up likelihood of the policy's base model (correctness follow-ups)
+    "direct": followup_rewards,  # the base model's own mean token log-probability of the answer
+    "random": random_rewards,  # control: uniform noise, seeded by the spec's seed
 }
+#: Sources fitted on annotations (of the last ``reward_fit_prompts`` training prompts).
+FITTED_SOURCES = ("embedding_bt", "embedding_clf")
+_SOURCES_VERSION = "sources-v1"  # bump when a source's scoring changes (it keys the cached rewards)
+
+
+def check_scored(train, what: str = "dataset") -> None:
+    """A one-line ``ValueError`` unless every row has one finite reward per response."""
+    if "rewards" not in train.column_names:
+        raise ValueError(f"{what}: no 'rewards' column; score the responses with a reward source first")
+    for i, (ys, rs) in enumerate(zip(train["responses"], train["rewards"])):
+        if rs is None or len(rs) != len(ys) or not all(r is not None and math.isfinite(r) for r in rs):
+            raise ValueError(f"{what}: row {i} has {len(ys)} responses but rewards {rs!r}; score the responses "
+                             "with a reward source first")
+
+
+def reward_quality(scored, golden, alpha: float | None = None) -> dict:
+    """How well a source's rewards (``scored``, B rows of K) order the answers like the rubric (``golden``, the same
+    B rows): within-prompt pairwise accuracy over pairs with different rubric rewards, Spearman's rho over all
+    answers and its mean per prompt, order consistency over all pairs, and Best-of-K (the rubric reward of the
+    answer the source ranks first; :func:`nca_kit.rewards.embedding.evaluate`). With ``alpha``: ``top_label``, the
+    mean largest soft label ``max_i softmax(r / alpha)_i`` that InfoNCA / NCA train on (1.0: one-hot on the
+    source's best answer, so only the source's order matters)."""
+    import numpy as np
+
+    from nca_kit.rewards.embedding import evaluate
+
+    check_scored(scored, "scored")
+    check_scored(golden, "golden")
+    if list(scored["responses"]) != list(golden["responses"]):
+        raise ValueError("golden: the rows must be the scored rows with rubric rewards (same prompts, same answers)")
+    s = np.array([r for rs in scored["rewards"] for r in rs], dtype=np.float64)  # (B*K,)
+    g = np.array([r for rs in golden["rewards"] for r in rs], dtype=np.float64)  # (B*K,)
+    groups = np.repeat(np.arange(len(scored)), [len(rs) for rs in scored["rewards"]])  # (B*K,)
+    out = {**evaluate(s, g, groups), "n_prompts": len(scored)}
+    if alpha is not None and alpha > 0:
+        top = [np.exp((np.array(rs) - max(rs)) / alpha) for rs in scored["rewards"]]
+        out["top_label"] = float(np.mean([t.max() / t.sum() for t in top]))
+    return {k: float(v) for k, v in out.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -128,6 +266,8 @@ class ExperimentSpec:
     model: str = "smollm2-135m-instruct"  # nca_kit.models.load_model name; it also samples the dataset
     data: str = "arith"  # a DATA_SOURCES name
     reward_source: str = "rubric"  # a REWARD_SOURCES name: who scores the K responses
+    reward_prompts: int = 100  # the first training prompts: all the policy may train on when the source is not rubric
+    reward_fit_prompts: int = 150  # the last training prompts: what the embedding heads are fitted on
     n_train: int = 300  # training prompts of the dataset
     n_test: int = 100  # held-out prompts (disjoint question texts)
     data_k: int = 4  # responses sampled per prompt when the dataset is made (the paper's K = 4)
@@ -160,6 +300,12 @@ class ExperimentSpec:
         _require("model", bool(self.model.strip()), "a model name or path", self.model)
         _require_in("data", self.data, DATA_SOURCES)
         _require_in("reward_source", self.reward_source, REWARD_SOURCES)
+        if self.reward_source != "rubric":
+            _require("reward_prompts", 1 <= self.reward_prompts < self.n_train,
+                     f"an integer from 1 to n_train - 1 = {self.n_train - 1}", self.reward_prompts)
+            _require("reward_fit_prompts", 1 <= self.reward_fit_prompts <= self.n_train - self.reward_prompts,
+                     f"an integer from 1 to n_train - reward_prompts = {self.n_train - self.reward_prompts} (the "
+                     "prompts a reward model is fitted on are never trained on)", self.reward_fit_prompts)
         _require_in("method", self.method, METHODS)
         for name in ("n_train", "n_test", "steps", "batch", "n_eval", "eval_samples", "max_new_tokens",
                      "max_prompt_length"):
@@ -178,6 +324,11 @@ class ExperimentSpec:
         _require("steps", self.steps * self.batch <= self.n_train,
                  f"at most n_train / batch = {self.n_train // self.batch} (each of the n_train = {self.n_train} "
                  f"prompts is seen once, batch = {self.batch} per step)", self.steps)
+        if self.reward_source != "rubric":
+            _require("steps", self.steps * self.batch <= self.reward_prompts,
+                     f"at most {self.reward_prompts // self.batch} for reward_source {self.reward_source} (it scores "
+                     f"only the reward_prompts = {self.reward_prompts} policy prompts, batch = {self.batch} per step)",
+                     self.steps)
         _require("n_eval", self.n_eval <= self.n_test, f"at most n_test = {self.n_test}", self.n_eval)
         _require("seed", self.seed >= 0, "an integer >= 0", self.seed)
         _require("gen_seed", self.gen_seed >= 0, "an integer >= 0", self.gen_seed)
@@ -271,6 +422,7 @@ def method_dataset(train, method: str, *, k: int = 4, seed: int = 0):
     they carry no preference for InfoNCA and a pull towards ``r_theta = 0`` for NCA).
     """
     _require_in("method", method, METHODS)
+    check_scored(train, "train")
     kind, loss_type = METHODS[method]
     columns = [c for c in ("prompt", "responses", "rewards", "id", "source") if c in train.column_names]
     rewards_only = train.select_columns(columns)
@@ -286,16 +438,21 @@ def method_dataset(train, method: str, *, k: int = 4, seed: int = 0):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+_BASE_MODELS: dict = {}  # (model, device) -> (model, tokenizer) kept by Experiment(reuse_model=True)
+
+
 class Experiment:
     """One run of ``spec``, step by step; each step keeps its result on the object (see the module docstring).
 
     ``out``: the run folder is ``<out>/tiny_runs/<spec.run_name>``. ``data_dir``: committed datasets, searched first;
-    ``cache_dir``: where generated datasets and base-model evaluations are cached.
+    ``cache_dir``: where generated datasets and base-model evaluations are cached. ``reuse_model``: keep the loaded
+    base model in memory for the next run of this process (a grid), and give each run a copy with fresh adapters
+    (seeded by ``spec.seed`` right before they are made) instead of loading the weights again.
     """
 
     def __init__(self, spec: ExperimentSpec, *, out: str | Path = "runs", data_dir: str | Path = DATA_DIR,
-                 cache_dir: str | Path = CACHE_DIR, progress: bool = False):
-        self.spec, self.progress = spec, progress
+                 cache_dir: str | Path = CACHE_DIR, progress: bool = False, reuse_model: bool = False):
+        self.spec, self.progress, self.reuse_model = spec, progress, reuse_model
         self.out, self.data_dir, self.cache_dir = Path(out), Path(data_dir), Path(cache_dir)
         self.run_dir = self.out / "tiny_runs" / spec.run_name
         self.seconds: dict[str, float] = {}
@@ -312,16 +469,22 @@ class Experiment:
             raise RuntimeError(f"run the steps in order: {', '.join(missing)} not computed yet")
 
     def load_data(self):
-        """The dataset (``.dataset``), its train split re-scored by the reward source (``.train_split``) and the
-        held-out split (``.test_split``)."""
+        """The dataset (``.dataset``), its train split re-scored by the reward source (``.train_split``; every source
+        but the rubric keeps only the policy prompts), the held-out split (``.test_split``), and
+        ``.reward_quality``: the source against the rubric on the policy prompts (:func:`reward_quality`)."""
         spec = self.spec
         prefix = min(spec.n_train, spec.steps * spec.batch + 32) if spec.train_prefix_only else None  # + tied rows
         with self._timed("data"):
             self.dataset = load_or_generate(spec.generation_settings(), cache_dir=self.cache_dir,
                                             search_dirs=(self.data_dir,), progress=self.progress,
                                             train_prefix=prefix)
-            self.train_split = REWARD_SOURCES[spec.reward_source](self.dataset["train"], spec)
+            train = self.dataset["train"]
+            self.train_split = REWARD_SOURCES[spec.reward_source](train, spec, cache_dir=self.cache_dir)
+            check_scored(self.train_split, f"reward_source {spec.reward_source}")
             self.test_split = self.dataset["test"]
+            policy = min(spec.reward_prompts, len(self.train_split))
+            self.reward_quality = reward_quality(self.train_split.select(range(policy)),
+                                                 rubric_rewards(train.select(range(policy)), spec), spec.alpha)
         return self.dataset
 
     def method_rows(self):
@@ -346,8 +509,22 @@ class Experiment:
 
         self._needs("test_split")
         with self._timed("model"):
-            set_seed(self.spec.seed)
-            self.model, self.tokenizer = load_model(self.spec.model, device=self.spec.device, lora=LoraSettings())
+            if self.reuse_model:
+                import copy
+
+                from peft import get_peft_model
+
+                key = (self.spec.model, self.spec.device)
+                if key not in _BASE_MODELS:
+                    _BASE_MODELS.clear()  # one base model at a time
+                    _BASE_MODELS[key] = load_model(self.spec.model, device=self.spec.device)
+                base, tokenizer = _BASE_MODELS[key]
+                self.tokenizer = copy.deepcopy(tokenizer)
+                set_seed(self.spec.seed)
+                self.model = get_peft_model(copy.deepcopy(base), LoraSettings().to_peft())
+            else:
+                set_seed(self.spec.seed)
+                self.model, self.tokenizer = load_model(self.spec.model, device=self.spec.device, lora=LoraSettings())
         self.problems = ev.problems_from(self.test_split.select(range(self.spec.n_eval)))
         return self.model, self.tokenizer
 
@@ -398,6 +575,7 @@ class Experiment:
             "data": {"file": Path(self.dataset.path).name, "train_prompts": len(self.train_split),
                      "usable_rows": self.usable_rows},
             "train_rows": len(self.train_rows),
+            "reward_quality": self.reward_quality,
             "base": self.base.summary(), "trained": self.trained.summary(), "trend": self.trend,
             "losses": losses, "final_loss": losses[-1] if losses else None,
             "seconds": seconds, "train_seconds": seconds.get("train"),
@@ -447,6 +625,9 @@ def flat_row(record: dict) -> dict:
     row = {key: record[key] for key in ("run", "method", "loss_type", "k", "seed", "steps", "batch", "alpha", "beta",
                                         "lr", "smoke", "train_rows", "train_seconds", "final_loss")}
     row["reward_source"] = record.get("reward_source", "rubric")
+    quality = record.get("reward_quality", {})
+    for m in ("accuracy", "spearman", "top_label"):
+        row[f"reward_{m}"] = quality.get(m, float("nan"))
     for m in EVAL_METRICS:
         row[m] = record["trained"][m]
         row[f"base_{m}"] = record["base"][m]

@@ -257,3 +257,60 @@ def plot_error_bars(categories, series: dict, *, title: str, xlabel: str, ylabel
 
 
 __all__ += ["plot_reward_histogram", "plot_band_lines", "plot_error_bars"]
+
+
+def plot_gain_vs_quality(points: dict, *, title: str, xlabel: str, ylabels, settings: dict | None = None,
+                         path=None):
+    """Policy gain against reward quality, one panel per gain metric, one marker style per method.
+
+    ``points`` maps a method to a list of ``(label, x, x_err, ys)``: ``label`` names the point (the reward source),
+    ``x`` its reward quality, ``ys`` one ``(mean, (below, above))`` per panel (e.g. min/max over seeds);
+    ``x_err`` a ``(below, above)`` pair too. ``ylabels``: one label per panel. A dashed line marks no gain.
+    """
+    fig, axes = plt.subplots(1, len(ylabels), figsize=(5.2 * len(ylabels), 4.2), squeeze=False)
+    markers = "osD^vP*X"
+    for panel, (ax, ylabel) in enumerate(zip(axes[0], ylabels)):
+        ax.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+        for i, (method, pts) in enumerate(points.items()):
+            xs = [p[1] for p in pts]
+            ys = [p[3][panel][0] for p in pts]
+            xerr = np.array([p[2] for p in pts], float).T
+            yerr = np.array([p[3][panel][1] for p in pts], float).T
+            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt=markers[i % len(markers)], capsize=3, label=method,
+                        alpha=0.85)
+            if i == 0:
+                for label, x, _, y in pts:
+                    ax.annotate(label, (x, y[panel][0]), textcoords="offset points", xytext=(4, 6), fontsize=7)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+    axes[0][0].legend()
+    fig.suptitle(titled(title, settings))
+    fig.tight_layout()
+    return save(fig, path)
+
+
+__all__ += ["plot_gain_vs_quality"]
+
+
+def plot_source_vs_rubric(golden, scores, *, title: str, source: str, settings: dict | None = None, path=None):
+    """Each answer's reward from a source against its rubric reward, both as rows of K per prompt.
+
+    The source's rewards are centred per prompt (its mean over the prompt's K answers subtracted): NCA, InfoNCA and
+    the pair pruning only ever compare answers to the same prompt. Points are jittered sideways; a black bar marks
+    the mean at each rubric value. A good source climbs from left to right.
+    """
+    rubric = np.array([r for row in golden for r in row], float)
+    centred = np.array([r - np.mean(row) for row in scores for r in row], float)
+    rng = np.random.default_rng(0)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.scatter(rubric + rng.uniform(-0.25, 0.25, len(rubric)), centred, s=10, alpha=0.4, label="one answer")
+    values = np.unique(rubric)
+    means = [centred[rubric == v].mean() for v in values]
+    ax.scatter(values, means, marker="_", s=600, color="black", linewidths=2, label="mean")
+    ax.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+    ax.set(xlabel="rubric reward (golden, 0-10)", ylabel=f"{source} reward − its prompt mean",
+           title=titled(title, settings))
+    ax.legend()
+    return save(fig, path)
+
+
+__all__ += ["plot_source_vs_rubric"]

@@ -6,6 +6,7 @@ and figures.
     python scripts/run_grid.py --out runs/grid --full               # + dpo_x3, dpo_all_pairs, pair_nca, K = 2, 3
     python scripts/run_grid.py --out runs/grid --seeds 0 -p STEPS 12
     python scripts/run_grid.py --out runs/grid --collect-only --docs docs   # table + figures from finished runs
+    python scripts/run_grid.py --out runs/loop --sources rubric embedding_bt flr random --seeds 0 -p STEPS 12
 
 Each run is :func:`nca_kit.experiment.run_experiment` on an :class:`~nca_kit.experiment.ExperimentSpec` (method, K,
 seed, plus any ``-p NAME VALUE``: a spec field, or the notebook's upper-case parameter name such as ``STEPS``),
@@ -18,9 +19,14 @@ run failed. Every spec is validated before the first run starts.
 
 Collected into ``<out>``: ``results.csv`` (one row per run, :func:`nca_kit.experiment.flat_row`),
 ``results_table.md`` (mean and [min, max] over seeds per method and K), ``results.png`` (held-out metrics, mean with
-min-max bars), ``likelihood_trends.png`` (Fig. 5 at this scale: log-likelihood change of the best and worst training
+min-max bars), ``gain_vs_reward.png`` (when the runs use several reward sources: held-out gain over the base model
+against the source's pairwise accuracy on the training answers, one marker per method, min-max bars over seeds),
+``likelihood_trends.png`` (Fig. 5 at this scale: log-likelihood change of the best and worst training
 answer, mean and min-max band over seeds) and ``k_ablation.png`` (Fig. 4: held-out metrics against K). ``--docs
 DIR`` copies the figures there too.
+
+``--sources`` sweeps reward sources (:data:`nca_kit.experiment.REWARD_SOURCES`): every method and seed is run once per
+source, seed by seed, so each method sees exactly the same source; the table then has one row per (method, source).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ sys.path.insert(0, str(REPO))
 from nca_kit.experiment import (  # noqa: E402
     METHODS,
     PAIR_METHODS,
+    REWARD_SOURCES,
     ExperimentSpec,
     flat_row,
     load_records,
@@ -52,7 +59,7 @@ from nca_kit.experiment import (  # noqa: E402
 
 HEADLINE = ("dpo", "infonca", "nca")
 EXTRA = tuple(m for m in METHODS if m not in HEADLINE)
-__all__ = ["flat_row", "plan", "parse_value", "specs", "collect", "main"]
+__all__ = ["flat_row", "plan", "plan_sources", "parse_value", "specs", "collect", "main"]
 
 
 def plan(methods, seeds, ks_ablation) -> list[tuple[str, int, int]]:
@@ -62,6 +69,14 @@ def plan(methods, seeds, ks_ablation) -> list[tuple[str, int, int]]:
     return runs
 
 
+def plan_sources(methods, seeds, sources) -> list[tuple[str, int, int, str]]:
+    """(method, K = 4, seed, reward source) in execution order: seed by seed, source by source, every method."""
+    for source in sources:
+        if source not in REWARD_SOURCES:
+            raise SystemExit(f"error: --sources: unknown reward source {source!r}; one of {', '.join(REWARD_SOURCES)}")
+    return [(m, 4, s, source) for s in seeds for source in sources for m in methods]
+
+
 def parse_value(text: str):
     try:
         return ast.literal_eval(text)
@@ -69,7 +84,7 @@ def parse_value(text: str):
         return text
 
 
-def spec_overrides(params: dict) -> dict:
+def spec_overrides(params: dict, sweep: bool = False) -> dict:
     """``-p`` names (a spec field, or the notebook's parameter name: ``STEPS``, ``N_EVAL``) -> spec fields."""
     names = {f.name for f in fields(ExperimentSpec)}
     aliases = {"LR": "lr", "GEN_SEED": "gen_seed", "SMOKE": "smoke"}
@@ -79,16 +94,20 @@ def spec_overrides(params: dict) -> dict:
         if field not in names or field in ("method", "k", "seed"):
             raise SystemExit(f"error: -p {name}: not a setting of the grid's runs; one of "
                              + ", ".join(sorted(names - {"method", "k", "seed"})))
+        if field == "reward_source" and sweep:
+            raise SystemExit(f"error: -p {name}: the reward source is swept by --sources; give one or the other")
         out[field] = value
     return out
 
 
 def specs(runs, params: dict, smoke: bool) -> list[ExperimentSpec]:
-    """The validated spec of every planned run (a bad parameter stops the grid before any run starts)."""
+    """The validated spec of every planned run (a bad parameter stops the grid before any run starts); a run is
+    ``(method, K, seed)`` or ``(method, K, seed, reward_source)``."""
     out = []
-    for method, k, seed in runs:
+    for method, k, seed, *source in runs:
         try:
-            spec = ExperimentSpec(method=method, k=k, seed=seed, **spec_overrides(params))
+            sweep = {"reward_source": source[0]} if source else {}
+            spec = ExperimentSpec(method=method, k=k, seed=seed, **sweep, **spec_overrides(params, sweep=bool(source)))
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
         out.append(spec.smoke_sized()[0] if smoke else spec)
@@ -108,7 +127,7 @@ def execute(spec: ExperimentSpec, out: Path) -> tuple[bool, float]:
     lock.write_text(str(os.getpid()))
     started = time.time()
     try:
-        run_experiment(spec, out=out)
+        run_experiment(spec, out=out, reuse_model=True)  # the base weights are loaded once per grid
         ok = True
     except Exception as err:  # report, go on with the next run
         last = traceback.format_exception_only(type(err), err)[-1].strip()
@@ -254,25 +273,98 @@ def figures(rows: list[dict], records: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-def collect(out: Path, docs: Path | None) -> None:
+# --------------------------------------------------------------------------------------------------------------------
+# Reward sources: one row per (method, source), and gain against reward quality
+# --------------------------------------------------------------------------------------------------------------------
+
+SOURCE_COLUMNS = (("reward_accuracy", "reward pair acc"), ("reward_spearman", "reward ρ"),
+                  ("greedy_accuracy", "greedy acc"), ("greedy_gain", "Δ greedy acc"),
+                  ("sample_reward", "sample reward"), ("sample_gain", "Δ sample reward"), ("kl", "KL"),
+                  ("chosen_delta_late", "Δlog π best (2nd half)"), ("rejected_delta_late", "Δlog π worst (2nd half)"))
+
+
+def source_groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Rows by (method, reward source), sources in :data:`REWARD_SOURCES` order; each row gains ``greedy_gain`` and
+    ``sample_gain`` (trained minus base model on the same held-out prompts)."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        row = {**row, "greedy_gain": float(row["greedy_accuracy"]) - float(row["base_greedy_accuracy"]),
+               "sample_gain": float(row["sample_reward"]) - float(row["base_sample_reward"])}
+        groups[(row["method"], row["reward_source"])].append(row)
+    order = {m: i for i, m in enumerate(HEADLINE + EXTRA)}
+    sources = {s: i for i, s in enumerate(REWARD_SOURCES)}
+    return dict(sorted(groups.items(), key=lambda kv: (sources.get(kv[0][1], 99), order.get(kv[0][0], 99))))
+
+
+def sources_table_markdown(rows: list[dict]) -> str:
+    """Mean [min, max] over seeds per (method, reward source); the base model's held-out numbers first."""
+    lines = ["| method | reward source | seeds | " + " | ".join(label for _, label in SOURCE_COLUMNS) + " |",
+             "|" + "---|" * (3 + len(SOURCE_COLUMNS))]
+    base = rows[0]
+    lines.append(f"| base model | – | – | – | – | {float(base['base_greedy_accuracy']):.4f} | 0 | "
+                 f"{float(base['base_sample_reward']):.4f} | 0 | 0 | – | – |")
+    for (method, source), runs in source_groups(rows).items():
+        cells = []
+        for c, _ in SOURCE_COLUMNS:
+            mean, lo, hi = spread([float(r[c]) for r in runs])
+            cells.append(f"{mean:.4f}" if len(runs) == 1 else f"{mean:.4f} [{lo:.4f}, {hi:.4f}]")
+        lines.append(f"| {method} | {source} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def gain_figure(rows: list[dict], path: Path) -> Path:
+    """Held-out gain over the base model against the reward source's pairwise accuracy on the training answers,
+    one marker per method, min-max bars over seeds."""
+    from nca_kit import plots
+
+    points = defaultdict(list)
+    for (method, source), runs in source_groups(rows).items():
+        x = spread([float(r["reward_accuracy"]) for r in runs])
+        ys = []
+        for c in ("greedy_gain", "sample_gain"):
+            mean, lo, hi = spread([float(r[c]) for r in runs])
+            ys.append((mean, (mean - lo, hi - mean)))
+        points[f"{method}"].append((f"{source} ({len(runs)})", x[0], (x[0] - x[1], x[2] - x[0]), ys))
+    plots.plot_gain_vs_quality(
+        dict(points), xlabel="reward source: pairwise accuracy against the rubric (training answers)",
+        ylabels=("held-out greedy accuracy − base model", "held-out sample reward − base model (0-10)"),
+        title="Does a better reward give a better policy? (mean, min-max over seeds; (n) = seeds)", path=path)
+    return path
+
+
+def collect(out: Path, docs: Path | None, prefix: str = "tiny_") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
     records = load_records(out)
     if not records:
         print(f"no results.json under {out / 'tiny_runs'}")
         return
-    rows = [flat_row(r) for r in records]
+    all_rows = [flat_row(r) for r in records]
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(all_rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(all_rows)
+    paths = []
+    if any(r["reward_source"] != "rubric" for r in all_rows):  # a sweep of reward sources
+        table = sources_table_markdown(all_rows)
+        (out / "sources_table.md").write_text(table)
+        print(table)
+        paths.append(gain_figure(all_rows, out / "gain_vs_reward.png"))
+    rows = [r for r in all_rows if r["reward_source"] == "rubric"]  # the method comparison: golden rewards
+    records = [r for r in records if r.get("reward_source", "rubric") == "rubric"]
+    if not rows:
+        print(f"wrote {out / 'results.csv'}, " + ", ".join(str(p) for p in paths))
+        return
     table = table_markdown(rows)
     (out / "results_table.md").write_text(table)
-    paths = figures(rows, records, out)
+    paths += figures(rows, records, out)
     print(table)
     print(f"wrote {out / 'results.csv'}, {out / 'results_table.md'}, " + ", ".join(str(p) for p in paths))
     if docs is not None:
         docs.mkdir(parents=True, exist_ok=True)
         for p in paths:
-            shutil.copy(p, docs / f"tiny_{p.name}")
+            shutil.copy(p, docs / f"{prefix}{p.name}")
         print(f"copied figures to {docs}")
 
 
@@ -283,11 +375,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--full", action="store_true", help="add dpo_x3, dpo_all_pairs, pair_nca and K = 2, 3")
     parser.add_argument("--ks", nargs="+", type=int, default=None, help="K ablation values (default with --full: 2 3)")
+    parser.add_argument("--sources", nargs="+", default=None,
+                        help="sweep these reward sources (nca_kit.experiment.REWARD_SOURCES) for every method and seed")
     parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="a setting of every run: an ExperimentSpec field or notebook 20's parameter name")
     parser.add_argument("--smoke", action="store_true", help="smoke sizes for every run (SMOKE_SIZES)")
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--docs", type=Path, default=None, help="also copy the figures into this folder")
+    parser.add_argument("--docs-prefix", default="tiny_", help="file-name prefix of the figures copied to --docs")
     args = parser.parse_args(argv)
 
     out = args.out
@@ -297,7 +392,10 @@ def main(argv=None) -> int:
         methods = list(args.methods) + ([m for m in EXTRA if m not in args.methods] if args.full else [])
         ks = args.ks if args.ks is not None else ([2, 3] if args.full else [])
         params = {name: parse_value(value) for name, value in args.param}
-        runs = specs(plan(methods, args.seeds, ks), params, args.smoke)
+        if args.sources and (args.full or ks):
+            raise SystemExit("error: --sources runs every method at K = 4; leave out --full and --ks")
+        planned = plan_sources(methods, args.seeds, args.sources) if args.sources else plan(methods, args.seeds, ks)
+        runs = specs(planned, params, args.smoke)
         print(f"{len(runs)} runs into {out}: " + ", ".join(spec.run_name for spec in runs), flush=True)
         started = time.time()
         log = []
@@ -310,7 +408,7 @@ def main(argv=None) -> int:
                                                            "wall_seconds": round(time.time() - started, 1)},
                                                           indent=1))
         print(f"grid wall time {time.time() - started:.0f} s; failed: {failed or 'none'}", flush=True)
-    collect(out, args.docs)
+    collect(out, args.docs, args.docs_prefix)
     return 1 if failed else 0
 
 

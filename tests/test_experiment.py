@@ -34,7 +34,14 @@ COMMITTED = REPO / "data" / "arith_smollm2-135m-instruct_k4_472b54c0acde.json"
     ({"batch": 0}, r"^batch must be an integer >= 1, got 0$"),
     ({"n_eval": 101}, r"^n_eval must be at most n_test = 100, got 101$"),
     ({"method": "ppo"}, r"^method must be one of dpo, pair_nca, dpo_x3, dpo_all_pairs, infonca, nca, got 'ppo'$"),
-    ({"reward_source": "learned"}, r"^reward_source must be one of rubric, got 'learned'$"),
+    ({"reward_source": "learned"},
+     r"^reward_source must be one of rubric, embedding_bt, embedding_clf, flr, direct, random, got 'learned'$"),
+    ({"reward_source": "random", "reward_prompts": 300},
+     r"^reward_prompts must be an integer from 1 to n_train - 1 = 299, got 300$"),
+    ({"reward_source": "random", "reward_fit_prompts": 201},
+     r"^reward_fit_prompts must be an integer from 1 to n_train - reward_prompts = 200 \(the prompts a reward model "),
+    ({"reward_source": "flr", "steps": 40},
+     r"^steps must be at most 25 for reward_source flr \(it scores only the reward_prompts = 100 policy prompts"),
     ({"data": "ultrafeedback"}, r"^data must be one of arith, got 'ultrafeedback'$"),
     ({"max_length": 128}, r"^max_length must be larger than max_prompt_length = 128, got 128$"),
     ({"warmup_ratio": 1.0}, r"^warmup_ratio must be a number in \[0, 1\), got 1.0$"),
@@ -96,7 +103,7 @@ def test_rubric_rescoring_reproduces_the_committed_rewards(tmp_path):
 
 
 def test_a_new_reward_source_is_one_function_and_one_registry_line(tmp_path, monkeypatch):
-    def constant(train, spec):
+    def constant(train, spec, cache_dir):
         return train.remove_columns("rewards").add_column("rewards", [[1.0] * len(r) for r in train["responses"]])
 
     monkeypatch.setitem(xp.REWARD_SOURCES, "constant", constant)

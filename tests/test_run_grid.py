@@ -109,3 +109,40 @@ def test_grid_specs_take_notebook_parameter_names_and_fail_before_any_run(grid):
         grid.specs(runs, {"SEED": 3}, smoke=False)  # seeds come from --seeds
     with pytest.raises(SystemExit, match="-p WIDTH: not a setting"):
         grid.specs(runs, {"WIDTH": 3}, smoke=False)
+
+
+def test_a_sweep_of_reward_sources_runs_every_method_on_each_source_seed_by_seed(grid):
+    runs = grid.plan_sources(["dpo", "nca"], [0, 1], ["rubric", "flr"])
+    assert runs[:4] == [("dpo", 4, 0, "rubric"), ("nca", 4, 0, "rubric"), ("dpo", 4, 0, "flr"), ("nca", 4, 0, "flr")]
+    assert len(runs) == 8 and runs[4][2] == 1
+    specs = grid.specs(runs, {"STEPS": 10}, smoke=False)
+    assert [s.run_name for s in specs[:4]] == ["dpo_k4_s0", "nca_k4_s0", "dpo_k4_s0_flr", "nca_k4_s0_flr"]
+    with pytest.raises(SystemExit, match="--sources: unknown reward source 'gpt4'; one of rubric, embedding_bt"):
+        grid.plan_sources(["nca"], [0], ["rubric", "gpt4"])
+    with pytest.raises(SystemExit, match="-p REWARD_SOURCE: the reward source is swept by --sources"):
+        grid.specs(runs, {"REWARD_SOURCE": "flr"}, smoke=False)
+    with pytest.raises(SystemExit, match="steps must be at most 25 for reward_source flr"):
+        grid.specs(runs, {"STEPS": 40}, smoke=False)
+
+
+def test_collect_of_a_source_sweep_writes_the_source_table_and_the_gain_figure(grid, tmp_path):
+    records = []
+    for source, quality, acc in (("rubric", 1.0, 0.35), ("flr", 0.6, 0.3), ("random", 0.5, 0.25)):
+        for seed in (0, 1):
+            for method in ("dpo", "nca"):
+                r = fake_record(method, 4, seed, acc=acc + 0.01 * seed, chosen=[0.0, 0.1])
+                r["run"] += "" if source == "rubric" else f"_{source}"
+                r["reward_source"] = source
+                r["reward_quality"] = {"accuracy": quality - 0.02 * seed, "spearman": quality, "top_label": 1.0}
+                records.append(r)
+    write_runs(tmp_path, records)
+    grid.collect(tmp_path, docs=tmp_path / "docs", prefix="loop_")
+    table = (tmp_path / "sources_table.md").read_text()
+    assert "| base model | – | – | – | – | 0.2500 | 0 |" in table
+    # mean [min, max] over the two seeds: reward accuracy, then held-out greedy accuracy and its gain over the base
+    assert "| dpo | flr | 2 | 0.5900 [0.5800, 0.6000] | 0.6000 [0.6000, 0.6000] | 0.3050 [0.3000, 0.3100] | " \
+           "0.0550 [0.0500, 0.0600] |" in table
+    assert table.index("| nca | rubric |") < table.index("| dpo | flr |") < table.index("| dpo | random |")
+    assert (tmp_path / "gain_vs_reward.png").stat().st_size > 1000
+    assert (tmp_path / "docs" / "loop_gain_vs_reward.png").exists()
+    assert "| dpo | 4 | 2 |" in (tmp_path / "results_table.md").read_text()  # the rubric runs alone

@@ -802,6 +802,8 @@ class EmbeddingRewardModel:
     name: str = "embedding"
 
     def score(self, prompts: Sequence, responses: Sequence[str]) -> np.ndarray:
+        if any(hasattr(self.head, a) and getattr(self.head, a) is None for a in ("net", "model")):  # the kit's heads
+            raise ValueError(f"reward model {self.name} is not fitted: fit its head (fit_reward_model) before scoring")
         return self.head.score(embed(prompts, responses, self.embedder, **self.embed_kwargs))
 
 
