@@ -53,6 +53,7 @@ __all__ = [
     "alpaca_eval_outputs",
     "write_jsonl",
     "validate_answer_file",
+    "mt_bench_scores",
     "arith_as_gsm8k",
     "write_gsm8k_task",
     "lm_eval_scores",
@@ -230,6 +231,19 @@ def validate_answer_file(path: str | Path) -> int:
         _validate(rows, ALPACA_EVAL_SCHEMA, path.name)
         return len(rows)
     raise ValueError(f"path must end in .jsonl (MT-bench answers) or .json (AlpacaEval outputs), got {path.name!r}")
+
+
+def mt_bench_scores(judgment_file: str | Path) -> dict[str, float]:
+    """The MT-bench score of each model in FastChat's single-answer judgment file
+    (``model_judgment/gpt-4_single.jsonl``: one line per question and turn with ``model`` and the judge's ``score``
+    1-10): the mean over questions and turns, skipping the judge's failures (``score`` -1), as ``show_result.py``."""
+    scores: dict[str, list[float]] = {}
+    for line in Path(judgment_file).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if row["score"] != -1:
+                scores.setdefault(row["model"], []).append(float(row["score"]))
+    return {model: sum(v) / len(v) for model, v in scores.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------------

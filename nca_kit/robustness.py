@@ -94,8 +94,16 @@ def run_grid(specs, out: str | Path, *, progress: bool = True) -> list[dict]:
     records = []
     for spec in tqdm(list(specs), desc="alpha x beta grid", unit="run", disable=not progress):
         path = results_path(out, spec)
-        records.append(json.loads(path.read_text()) if path.exists()
-                       else run_experiment(spec, out=cell_dir(out, spec)))
+        if path.exists():
+            record = json.loads(path.read_text())
+            wanted = spec.to_dict()
+            changed = sorted(k for k, v in record["spec"].items() if k in wanted and wanted[k] != v)
+            if changed:
+                raise ValueError(f"out: {path} was run with other settings ({', '.join(changed)}); pass another "
+                                 "out folder or the same settings")
+            records.append(record)
+        else:
+            records.append(run_experiment(spec, out=cell_dir(out, spec)))
     return records
 
 

@@ -328,7 +328,7 @@ def collect_alpha_beta(out: Path, docs: Path | None) -> None:
     if docs is not None:
         docs.mkdir(parents=True, exist_ok=True)
         for p in paths:
-            shutil.copy(p, docs / f"tiny_{p.name}")
+            shutil.copy(p, docs / p.name)
         print(f"copied figures to {docs}")
 
 

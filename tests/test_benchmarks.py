@@ -75,6 +75,15 @@ def test_validation_catches_what_the_judges_would_trip_on(tmp_path):
         bm.validate_answer_file(tmp_path / "d.txt")
 
 
+def test_mt_bench_scores_average_turns_and_skip_judge_failures(tmp_path):
+    rows = [{"question_id": 1, "model": "a", "judge": ["gpt-4", "single-v1"], "score": 8.0, "turn": 1},
+            {"question_id": 1, "model": "a", "judge": ["gpt-4", "single-v1-multi-turn"], "score": 6.0, "turn": 2},
+            {"question_id": 2, "model": "a", "judge": ["gpt-4", "single-v1"], "score": -1, "turn": 1},
+            {"question_id": 1, "model": "b", "judge": ["gpt-4", "single-v1"], "score": 3.0, "turn": 1}]
+    path = bm.write_jsonl(rows, tmp_path / "gpt-4_single.jsonl")
+    assert bm.mt_bench_scores(path) == {"a": 7.0, "b": 3.0}
+
+
 @pytest.fixture(scope="module")
 def arith_task(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("lm_eval")

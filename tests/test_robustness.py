@@ -49,7 +49,7 @@ def fake_run(calls: list):
                   "seed": spec.seed, "smoke": spec.smoke, "reward_source": spec.reward_source,
                   "train_rows": spec.steps * spec.batch, "train_seconds": 1.0, "final_loss": 0.5,
                   "base": {**summary, "greedy_accuracy": 0.25}, "trained": summary,
-                  "trend": {"step": [1, 2], "chosen": [0.0, 0.1], "rejected": [0.0, -0.1]}}
+                  "trend": {"step": [1, 2], "chosen": [0.0, 0.1], "rejected": [0.0, -0.1]}, "spec": spec.to_dict()}
         folder = Path(out) / "tiny_runs" / spec.run_name
         folder.mkdir(parents=True)
         (folder / "results.json").write_text(json.dumps(record))
@@ -115,6 +115,9 @@ def test_run_grid_reads_finished_cells_back_instead_of_rerunning(tmp_path, monke
     records = robustness.run_grid(specs, tmp_path, progress=False)
     assert len(calls) == 5 and len(records) == 5
     assert [r["run"] for r in records] == [s.run_name for s in specs]
+    other = robustness.grid_specs(robustness.plan([0.01], [0.1], [0]), ExperimentSpec(steps=7))
+    with pytest.raises(ValueError, match=r"was run with other settings \(steps\)"):
+        robustness.run_grid(other, tmp_path, progress=False)
 
 
 def test_script_resumes_a_half_finished_grid(grid, tmp_path, monkeypatch, capsys):
