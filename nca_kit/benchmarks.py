@@ -311,9 +311,10 @@ def lm_eval_scores(model, tasks: list[str], *, tokenizer=None, include_path: str
     ``results``), plus ``"samples"`` (per-document generations, filtered answers and scores) when ``log_samples``.
 
     ``model``: an lm-eval ``LM``, or a transformers / PEFT model in memory (wrapped in lm-eval's ``HFLM`` with
-    ``tokenizer``: the trained policy is evaluated with its adapter, nothing merged or saved). ``tasks``: lm-eval
-    task names (:data:`TABLE3_TASKS`; online) or the names of tasks under ``include_path``
-    (:func:`write_gsm8k_task`; offline). ``limit`` evaluates the first documents of each task only.
+    ``tokenizer``: the trained policy is evaluated with its adapter, nothing merged or saved). ``tasks``: lm-eval's
+    built-in task names (:data:`TABLE3_TASKS`; online), or with ``include_path`` the names of the tasks under it
+    (:func:`write_gsm8k_task`; offline, built-in tasks then not indexed). ``limit`` evaluates the first documents
+    of each task only.
     """
     import lm_eval
     from lm_eval.api.model import LM
@@ -327,7 +328,9 @@ def lm_eval_scores(model, tasks: list[str], *, tokenizer=None, include_path: str
         if tokenizer is None:
             raise ValueError("tokenizer is required to evaluate a transformers model with lm-eval")
         model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    # Local tasks only: skip indexing lm-eval's thousands of built-in task files (seconds on a small CPU).
+    manager = TaskManager(include_path=str(include_path) if include_path is not None else None,
+                          include_defaults=include_path is None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"tasks: unknown lm-eval task(s) {', '.join(unknown)}"

@@ -95,6 +95,7 @@ def arith_task(tmp_path_factory) -> Path:
 
 
 def test_lm_eval_exact_match_on_a_hand_built_case(arith_task):
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional extra nca-kit[eval]")
     from lm_eval.api.model import LM
 
     canned = {"3 + 4": "3 plus 4 is 7.\n#### 7",  # right, in both filters
@@ -121,6 +122,7 @@ def test_lm_eval_exact_match_on_a_hand_built_case(arith_task):
 
 
 def test_lm_eval_scores_a_peft_model_in_memory(tiny, arith_task):
+    pytest.importorskip("lm_eval", reason="lm-eval is the optional extra nca-kit[eval]")
     model, tokenizer = tiny
     scores = bm.lm_eval_scores(model, ["arith_test"], tokenizer=tokenizer, include_path=arith_task, limit=2,
                                batch_size=2)
