@@ -31,7 +31,7 @@ import numpy as np
 from nca_kit.experiment import METHODS, ExperimentSpec, run_experiment
 
 __all__ = ["ALPHA_FREE_LOSSES", "uses_alpha", "plan", "grid_specs", "cell_dir", "run_grid", "load_grid_records",
-           "grid_table", "seed_noise", "robustness_summary", "summary_markdown", "plot_grid"]
+           "grid_table", "seed_noise", "robustness_summary", "summary_markdown", "grid_markdown", "plot_grid"]
 
 #: Loss types that do not read α (the DPO family and pairwise NCA: the pairwise losses are the α -> 0 limit).
 ALPHA_FREE_LOSSES = ("dpo", "dpo_best_vs_rest", "dpo_all_pairs")
@@ -170,6 +170,25 @@ def summary_markdown(records, metrics=("greedy_accuracy", "sample_reward")) -> s
         for method, s in summary.items():
             lines.append(f"| {metric} | {method} | {s['cells']} | {s['mean']:.4f} | {s['min']:.4f} | {s['max']:.4f} "
                          f"| {s['range']:.4f} | {noise:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def grid_markdown(records, metric: str) -> str:
+    """One markdown table of ``metric`` per cell: a row per (method, β), a column per α and one for the methods
+    without α (seed mean, number of seeds in brackets)."""
+    tables = grid_table(records, metric)
+    alphas = sorted({a for t in tables.values() for a in t["alphas"] if a is not None})
+    columns = alphas + [None]
+    lines = [f"| {metric}: method | β | " + " | ".join(f"α = {a:g}" for a in alphas) + " | no α |",
+             "|" + "---|" * (2 + len(columns))]
+    for method, t in tables.items():
+        for i, beta in enumerate(t["betas"]):
+            cells = []
+            for a in columns:
+                j = t["alphas"].index(a) if a in t["alphas"] else None
+                finite = j is not None and np.isfinite(t["mean"][i, j])
+                cells.append(f"{t['mean'][i, j]:.4f} ({t['seeds'][i, j]})" if finite else "")
+            lines.append(f"| {method} | {beta:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -313,7 +313,8 @@ def collect_alpha_beta(out: Path, docs: Path | None) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    table = robustness.summary_markdown(records, tuple(AB_METRICS))
+    table = robustness.summary_markdown(records, tuple(AB_METRICS) + ("kl",)) + "".join(
+        "\n" + robustness.grid_markdown(records, m) for m in (*AB_METRICS, "kl"))
     (out / "alpha_beta_table.md").write_text(table)
     import matplotlib
 

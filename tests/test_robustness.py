@@ -103,6 +103,9 @@ def test_tables_summary_and_heatmap_from_records(tmp_path, monkeypatch):
     assert summary["seed_noise"] == pytest.approx(0.01)
     text = robustness.summary_markdown(records, ("greedy_accuracy",))
     assert "| greedy_accuracy | infonca | 4 | 0.2545 | 0.2050 | 0.3040 | 0.0990 | 0.0100 |" in text
+    cells = robustness.grid_markdown(records, "greedy_accuracy").splitlines()
+    assert cells[0] == "| greedy_accuracy: method | β | α = 0.01 | α = 1 | no α |"
+    assert "| infonca | 0.1 | 0.3040 (2) | 0.2050 (2) |  |" in cells and "| dpo | 1 |  |  | 0.2050 (2) |" in cells
     fig = robustness.plot_grid(records, "greedy_accuracy", path=tmp_path / "heat.png")
     assert len(fig.axes) == 4 and (tmp_path / "heat.png").stat().st_size > 1000  # three panels + colour bar
 
