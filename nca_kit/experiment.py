@@ -264,6 +264,7 @@ class ExperimentSpec:
 
     # --- model and data
     model: str = "smollm2-135m-instruct"  # nca_kit.models.load_model name; it also samples the dataset
+    data_model: str = ""  # the model whose samples form the dataset, if not `model` (a tiny test model on SmolLM2's)
     data: str = "arith"  # a DATA_SOURCES name
     reward_source: str = "rubric"  # a REWARD_SOURCES name: who scores the K responses
     reward_prompts: int = 100  # the first training prompts: all the policy may train on when the source is not rubric
@@ -357,7 +358,7 @@ class ExperimentSpec:
         return 2 if self.method in PAIR_METHODS else self.k
 
     def generation_settings(self) -> GenerationSettings:
-        return GenerationSettings(model_id=self.model, n_train=self.n_train, n_test=self.n_test,
+        return GenerationSettings(model_id=self.data_model or self.model, n_train=self.n_train, n_test=self.n_test,
                                   prompt_seed=self.gen_seed, sample_seed=self.gen_seed, k=self.data_k,
                                   temperature=self.temperature, max_new_tokens=self.max_new_tokens)
 

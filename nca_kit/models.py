@@ -126,8 +126,17 @@ def load_smollm2(*, device: str | torch.device = "cpu", dtype: torch.dtype = tor
     ``pad_token = eos_token`` as in the original release. Padding never reaches a loss here: every loss in nca-kit
     uses explicit attention and loss masks, so a pad token equal to EOS is harmless.
     """
+    import copy
+
+    model, tokenizer = _smollm2_float32()
+    return copy.deepcopy(model).to(device=device, dtype=dtype), copy.deepcopy(tokenizer)
+
+
+@functools.lru_cache(maxsize=1)
+def _smollm2_float32():
+    """The de-quantised SmolLM2 on CPU in float32, read once per process (the GGUF de-quantisation takes ~20 s);
+    :func:`load_smollm2` hands out copies, so a grid of runs in one process loads the file once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -138,14 +147,14 @@ def load_smollm2(*, device: str | torch.device = "cpu", dtype: torch.dtype = tor
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     with _quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF weights are de-quantised to `dtype` on load, but the model keeps a GGUF quantisation marker that makes
     # transformers.Trainer refuse to train it. Drop the stale marker (transformers' own method for de-quantised models).
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model.to(device), tokenizer
+    return model.eval(), tokenizer
 
 
 @contextlib.contextmanager

@@ -314,3 +314,32 @@ def plot_source_vs_rubric(golden, scores, *, title: str, source: str, settings: 
 
 
 __all__ += ["plot_source_vs_rubric"]
+
+
+def plot_heatmaps(panels: dict, *, title: str, xlabel: str, ylabel: str, colorbar: str, vmin=None, vmax=None,
+                  settings: dict | None = None, path=None):
+    """Annotated heat maps side by side on one colour scale: ``panels`` maps a label to ``(values, xticklabels,
+    yticklabels, counts)``, ``values`` a ``(rows, columns)`` array (NaN: no value, left blank) and ``counts`` an
+    optional array of the same shape printed under each value in brackets (e.g. seeds averaged)."""
+    widths = [max(np.asarray(v).shape[1], 1) for v, *_ in panels.values()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.3 * sum(widths) + 2.5, 3.8), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    image = None
+    for ax, (name, (values, xticks, yticks, counts)) in zip(axes[0], panels.items()):
+        values = np.asarray(values, float)
+        image = ax.imshow(values, cmap="viridis", vmin=vmin, vmax=vmax, origin="lower", aspect="auto")
+        for (i, j), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                text = fmt(v, 3) + (f"\n({int(counts[i][j])})" if counts is not None else "")
+                ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                        color="white" if vmax is None or v < (vmin + vmax) / 2 else "black")
+        ax.set_xticks(range(values.shape[1]), xticks)
+        ax.set_yticks(range(values.shape[0]), yticks)
+        ax.set(title=name, xlabel=xlabel)
+    axes[0][0].set_ylabel(ylabel)
+    fig.colorbar(image, ax=list(axes[0]), label=colorbar)
+    fig.suptitle(titled(title, settings))
+    return save(fig, path)
+
+
+__all__ += ["plot_heatmaps"]

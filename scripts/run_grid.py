@@ -7,6 +7,7 @@ and figures.
     python scripts/run_grid.py --out runs/grid --seeds 0 -p STEPS 12
     python scripts/run_grid.py --out runs/grid --collect-only --docs docs   # table + figures from finished runs
     python scripts/run_grid.py --out runs/loop --sources rubric embedding_bt flr random --seeds 0 -p STEPS 12
+    python scripts/run_grid.py --out runs/alpha_beta --alphas 0.01 0.1 1 --betas 0.01 0.1 1 --seeds 0 1  # Fig. 6/8
 
 Each run is :func:`nca_kit.experiment.run_experiment` on an :class:`~nca_kit.experiment.ExperimentSpec` (method, K,
 seed, plus any ``-p NAME VALUE``: a spec field, or the notebook's upper-case parameter name such as ``STEPS``),
@@ -27,6 +28,11 @@ DIR`` copies the figures there too.
 
 ``--sources`` sweeps reward sources (:data:`nca_kit.experiment.REWARD_SOURCES`): every method and seed is run once per
 source, seed by seed, so each method sees exactly the same source; the table then has one row per (method, source).
+
+``--alphas`` / ``--betas`` run the α × β robustness grid instead (:mod:`nca_kit.robustness`): InfoNCA and NCA at
+every (α, β), DPO at every β, seed by seed, each run in ``<out>/alpha<α>_beta<β>/`` (DPO: ``<out>/beta<β>/``), and
+collect ``alpha_beta.csv``, ``alpha_beta_table.md`` and one heat map per held-out metric
+(``alpha_beta_<metric>.png``). It resumes the same way.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from nca_kit.experiment import (  # noqa: E402
     load_records,
     run_experiment,
 )
+from nca_kit import robustness  # noqa: E402
 
 HEADLINE = ("dpo", "infonca", "nca")
 EXTRA = tuple(m for m in METHODS if m not in HEADLINE)
@@ -368,6 +375,57 @@ def collect(out: Path, docs: Path | None, prefix: str = "tiny_") -> None:
         print(f"copied figures to {docs}")
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# The alpha x beta grid (Fig. 6/8)
+# --------------------------------------------------------------------------------------------------------------------
+
+AB_METRICS = {"sample_reward": "sample reward (0-10)", "greedy_accuracy": "greedy accuracy",
+              "kl": "KL to the reference"}
+
+
+def alpha_beta_specs(args, params: dict) -> list[ExperimentSpec]:
+    """The validated specs of the α × β grid: ``--methods`` split into those swept over α × β and over β only."""
+    try:
+        base = ExperimentSpec(**spec_overrides(params))
+        cells = robustness.plan(args.alphas, args.betas, args.seeds,
+                                methods=[m for m in args.methods if robustness.uses_alpha(m)],
+                                beta_methods=[m for m in args.methods if not robustness.uses_alpha(m)])
+        runs = robustness.grid_specs(cells, base)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    return [spec.smoke_sized()[0] for spec in runs] if args.smoke else runs
+
+
+def collect_alpha_beta(out: Path, docs: Path | None) -> None:
+    records = robustness.load_grid_records(out)
+    if not records:
+        print(f"no results.json under {out}/*/tiny_runs")
+        return
+    rows = [flat_row(r) for r in records]
+    with open(out / "alpha_beta.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = robustness.summary_markdown(records, tuple(AB_METRICS)) + "".join(
+        "\n" + robustness.grid_markdown(records, m) for m in AB_METRICS)
+    (out / "alpha_beta_table.md").write_text(table)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    paths = []
+    for metric, label in AB_METRICS.items():
+        path = out / f"alpha_beta_{metric}.png"
+        robustness.plot_grid(records, metric, label=label, path=path)
+        paths.append(path)
+    print(table)
+    print(f"wrote {out / 'alpha_beta.csv'}, {out / 'alpha_beta_table.md'}, " + ", ".join(str(p) for p in paths))
+    if docs is not None:
+        docs.mkdir(parents=True, exist_ok=True)
+        for p in paths:
+            shutil.copy(p, docs / p.name)
+        print(f"copied figures to {docs}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "grid")
@@ -380,6 +438,9 @@ def main(argv=None) -> int:
     parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="a setting of every run: an ExperimentSpec field or notebook 20's parameter name")
     parser.add_argument("--smoke", action="store_true", help="smoke sizes for every run (SMOKE_SIZES)")
+    parser.add_argument("--alphas", nargs="+", type=float, default=None,
+                        help="run the alpha x beta grid (Fig. 6/8) over these alphas (needs --betas)")
+    parser.add_argument("--betas", nargs="+", type=float, default=None, help="the betas of the alpha x beta grid")
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--docs", type=Path, default=None, help="also copy the figures into this folder")
     parser.add_argument("--docs-prefix", default="tiny_", help="file-name prefix of the figures copied to --docs")
@@ -388,27 +449,37 @@ def main(argv=None) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     failed = []
+    alpha_beta = args.alphas is not None or args.betas is not None
+    if alpha_beta and (args.alphas is None or args.betas is None):
+        parser.error("the alpha x beta grid needs both --alphas and --betas")
     if not args.collect_only:
         methods = list(args.methods) + ([m for m in EXTRA if m not in args.methods] if args.full else [])
         ks = args.ks if args.ks is not None else ([2, 3] if args.full else [])
         params = {name: parse_value(value) for name, value in args.param}
-        if args.sources and (args.full or ks):
-            raise SystemExit("error: --sources runs every method at K = 4; leave out --full and --ks")
-        planned = plan_sources(methods, args.seeds, args.sources) if args.sources else plan(methods, args.seeds, ks)
-        runs = specs(planned, params, args.smoke)
-        print(f"{len(runs)} runs into {out}: " + ", ".join(spec.run_name for spec in runs), flush=True)
+        if args.sources and (args.full or ks or alpha_beta):
+            raise SystemExit("error: --sources runs every method at K = 4; leave out --full, --ks, --alphas, --betas")
+        if alpha_beta:
+            runs = alpha_beta_specs(args, params)
+        else:
+            planned = plan_sources(methods, args.seeds, args.sources) if args.sources else plan(methods, args.seeds, ks)
+            runs = specs(planned, params, args.smoke)
+        names = [f"{robustness.cell_dir(out, s).name}/{s.run_name}" if alpha_beta else s.run_name for s in runs]
+        print(f"{len(runs)} runs into {out}: " + ", ".join(names), flush=True)
         started = time.time()
         log = []
-        for spec in runs:
-            ok, seconds = execute(spec, out)
-            log.append({"run": spec.run_name, "ok": ok, "seconds": round(seconds, 1)})
+        for spec, name in zip(runs, names):
+            ok, seconds = execute(spec, robustness.cell_dir(out, spec) if alpha_beta else out)
+            log.append({"run": name, "ok": ok, "seconds": round(seconds, 1)})
             if not ok:
-                failed.append(spec.run_name)
+                failed.append(name)
             (out / "grid_log.json").write_text(json.dumps({"runs": log, "params": params,
                                                            "wall_seconds": round(time.time() - started, 1)},
                                                           indent=1))
         print(f"grid wall time {time.time() - started:.0f} s; failed: {failed or 'none'}", flush=True)
-    collect(out, args.docs, args.docs_prefix)
+    if alpha_beta:
+        collect_alpha_beta(out, args.docs)
+    else:
+        collect(out, args.docs, args.docs_prefix)
     return 1 if failed else 0
 
 

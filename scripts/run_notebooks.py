@@ -7,7 +7,8 @@
     python scripts/run_notebooks.py --store 01           # re-execute in full size and store the outputs in place
 
 The course notebooks are ``notebooks/[0-9]*.ipynb``. A notebook whose metadata has
-``metadata["nca_kit"]["requires_gpu"] = true`` is skipped on a machine without CUDA.
+``metadata["nca_kit"]["requires_gpu"] = true`` is skipped on a machine without CUDA, and so is a notebook with a
+``SCALE`` parameter run with ``-p SCALE paper`` (notebooks 30-32 at the paper's 7B scale).
 
 Each executed copy is written to ``<out>/<name>.ipynb``; the notebooks save their figures into the folder named by
 the environment variable ``NCA_KIT_OUT``, which is set to ``<out>`` (default ``runs/``). ``--smoke`` sets
@@ -46,8 +47,23 @@ def nca_kit_metadata(path: Path) -> dict:
     return dict(nbformat.read(str(path), as_version=4).metadata.get("nca_kit", {}))
 
 
-def requires_gpu(path: Path) -> bool:
-    return bool(nca_kit_metadata(path).get("requires_gpu", False))
+def requires_gpu(path: Path, parameters: dict | None = None) -> bool:
+    """Metadata ``requires_gpu``, or ``-p SCALE paper`` for a notebook with a ``SCALE`` parameter (30-32: the
+    paper-scale run is a 7B model)."""
+    if nca_kit_metadata(path).get("requires_gpu", False):
+        return True
+    return (parameters or {}).get("SCALE") == "paper" and "SCALE" in notebook_parameters(path)
+
+
+def notebook_parameters(path: Path) -> set[str]:
+    """Names assigned in the notebook's ``parameters`` cell."""
+    import nbformat
+
+    for cell in nbformat.read(str(path), as_version=4).cells:
+        if "parameters" in cell.metadata.get("tags", []):
+            return {t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
+                    for t in node.targets if isinstance(t, ast.Name)}
+    return set()
 
 
 def nbval_mode(path: Path) -> str:
@@ -188,11 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.store and (args.parameter or args.smoke):
         parser.error("--store keeps the defaults of the parameters cell: drop -p and --smoke")
     selected = resolve(args.notebooks, Path(args.notebooks_dir))
-    gpu_only = [nb for nb in selected if requires_gpu(nb)]
+    parameters = {name: parse_value(value) for name, value in args.parameter}
+    gpu_only = [nb for nb in selected if requires_gpu(nb, parameters)]
     skipped = gpu_only if gpu_only and not cuda_available() else []
     todo = [nb for nb in selected if nb not in skipped]
     for nb in skipped:
-        print(f"skip  {nb.stem}: requires a GPU (metadata nca_kit.requires_gpu) and CUDA is not available")
+        why = "SCALE paper" if not requires_gpu(nb) else "metadata nca_kit.requires_gpu"
+        print(f"skip  {nb.stem}: requires a GPU ({why}) and CUDA is not available")
     if args.list:
         for nb in todo:
             print(f"run   {nb.stem}")
@@ -201,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _kernel_env(out, smoke=True if args.smoke else (False if args.store else None))
-    parameters = {name: parse_value(value) for name, value in args.parameter}
     started = time.time()
     failed, written = [], []
     for nb in todo:

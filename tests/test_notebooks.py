@@ -162,6 +162,19 @@ def test_runner_executes_passes_parameters_and_reports_failure(course_dir, tmp_p
     assert (out / "03_fails.ipynb").exists(), "the executed copy with the error is kept for inspection"
 
 
+def test_runner_skips_paper_scale_without_cuda(course_dir, capsys):
+    _notebook(course_dir / "04_scaled.ipynb", "SMOKE = False\nSCALE = 'tiny'")
+    assert runner.main(["--notebooks-dir", str(course_dir), "--list", "-p", "SCALE", "paper"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    if runner.cuda_available():
+        assert "run   04_scaled" in lines
+    else:
+        assert "skip  04_scaled: requires a GPU (SCALE paper) and CUDA is not available" in lines
+    assert "run   01_ok" in lines, "a notebook without a SCALE parameter runs"
+    assert runner.main(["--notebooks-dir", str(course_dir), "--list", "-p", "SCALE", "tiny"]) == 0
+    assert "run   04_scaled" in capsys.readouterr().out.splitlines()
+
+
 def test_runner_refuses_to_store_with_parameters(course_dir):
     with pytest.raises(SystemExit):
         runner.main(["--notebooks-dir", str(course_dir), "--store", "--smoke", "01"])
