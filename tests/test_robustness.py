@@ -39,7 +39,7 @@ def fake_score(spec: ExperimentSpec) -> float:
 
 
 def fake_run(calls: list):
-    def run(spec: ExperimentSpec, *, out):
+    def run(spec: ExperimentSpec, *, out, **_):  # the grid also passes reuse_model
         calls.append((spec.method, spec.alpha, spec.beta, spec.seed))
         acc = fake_score(spec)
         summary = {"n_prompts": 4, "greedy_accuracy": acc, "sample_reward": 10 * acc, "sample_accuracy": acc,
