@@ -339,6 +339,14 @@ def gain_figure(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """One row per run (:func:`nca_kit.experiment.flat_row`), columns in the first row's order."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def collect(out: Path, docs: Path | None, prefix: str = "tiny_") -> None:
     import matplotlib
 
@@ -348,10 +356,7 @@ def collect(out: Path, docs: Path | None, prefix: str = "tiny_") -> None:
         print(f"no results.json under {out / 'tiny_runs'}")
         return
     all_rows = [flat_row(r) for r in records]
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(all_rows[0]))
-        writer.writeheader()
-        writer.writerows(all_rows)
+    write_csv(out / "results.csv", all_rows)
     paths = []
     if any(r["reward_source"] != "rubric" for r in all_rows):  # a sweep of reward sources
         table = sources_table_markdown(all_rows)
@@ -402,10 +407,7 @@ def collect_alpha_beta(out: Path, docs: Path | None) -> None:
         print(f"no results.json under {out}/*/tiny_runs")
         return
     rows = [flat_row(r) for r in records]
-    with open(out / "alpha_beta.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "alpha_beta.csv", rows)
     table = robustness.summary_markdown(records, tuple(AB_METRICS)) + "".join(
         "\n" + robustness.grid_markdown(records, m) for m in AB_METRICS)
     (out / "alpha_beta_table.md").write_text(table)

@@ -7,6 +7,7 @@ figures in a temporary folder.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -47,3 +48,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def grid():
+    """``scripts/run_grid.py`` as a module, a fresh copy per test module (so one module's monkeypatches stay there)."""
+    spec = importlib.util.spec_from_file_location("run_grid", REPO / "scripts" / "run_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -5,7 +5,6 @@ record of the real schema (a real run is a SmolLM2 training run; notebook 32 run
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,16 +14,6 @@ import pytest
 
 from nca_kit import robustness
 from nca_kit.experiment import ExperimentSpec
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def grid():
-    spec = importlib.util.spec_from_file_location("run_grid_ab", REPO / "scripts" / "run_grid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def fake_score(spec: ExperimentSpec) -> float:

@@ -7,21 +7,10 @@ files a run writes, so synthetic ones with the same schema exercise it fully.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def grid():
-    spec = importlib.util.spec_from_file_location("run_grid", REPO / "scripts" / "run_grid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def fake_record(method: str, k: int, seed: int, *, acc: float, chosen: list[float]) -> dict:
