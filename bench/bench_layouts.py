@@ -1,4 +1,4 @@
-"""Forward layouts of the training step, measured side by side: padded, packed (no padding), shared prompt.
+"""Forward layouts of the training step, measured side by side: padded, packed (no padding), shared prompt, tree.
 
 Two parts, both timing ``NCATrainer.training_step`` (selective log-probs + NCA loss + backward, cached reference)
 on the small random model of ``bench/bench_train.py`` (LoRA r = 16), in interleaved rounds so machine-load drift
@@ -8,12 +8,13 @@ hits every variant alike; each ratio is computed per round and reported as min /
    SmolLM2's tokenizer and the kit's truncation, token ids folded into the model's vocabulary; and K = 4 records
    with UltraFeedback-like lengths (the log-normal model of ``bench/bench_train.py`` and
    ``bench/synthetic_ultrafeedback.py``, scaled to ``--max-length``: short prompts, responses of different lengths).
-   One epoch per variant: random batches (naive) or length-grouped batches, each with the padded, packed or
-   shared-prompt forward. Reported: non-pad tokens/s over naive padding, and the activations saved for backward on
+   One epoch per variant: random batches (naive) or length-grouped batches, each with the padded, packed,
+   shared-prompt (prompt keys/values expanded over its K responses) or tree (prompt and its K responses in one row
+   under a tree attention mask) forward. Reported: non-pad tokens/s over naive padding, and the activations saved for backward on
    the epoch's largest batch (MiB, summed over the tensors autograd keeps; on CUDA also the peak allocated memory).
-2. **Shared prompt vs prompt/response length and K.** Synthetic prompts of ``P`` tokens with ``K`` responses of
+2. **Prompt sharing vs prompt/response length and K.** Synthetic prompts of ``P`` tokens with ``K`` responses of
    ``R`` tokens each (equal lengths, so there is no padding to remove and packing equals padding): speed-up of the
-   shared-prompt forward over the padded one.
+   shared-prompt and tree forwards over the padded one.
 
     python bench/bench_layouts.py                 # both parts, ~10 min on 2 CPU cores
     python bench/bench_layouts.py --json runs/layouts.json
@@ -38,7 +39,8 @@ from bench_train import (  # noqa: E402
     SHAPES, build_model, make_record, make_trainer, timed_round_robin, to_device, ultrafeedback_like_lengths,
 )
 
-LAYOUTS = ("padded", "packed", "shared_prompt")
+LAYOUTS = ("padded", "packed", "shared_prompt", "tree")
+SHARING = ("shared_prompt", "tree")
 
 
 def smollm2_tokenizer():
@@ -158,22 +160,24 @@ def run_epoch(trainer, model, batches, layout):
 def part_sweep(trainer, model, collator, device, args, vocab) -> list[dict]:
     gen = torch.Generator().manual_seed(3)
     rows = []
-    print("\n## shared prompt vs padded: P prompt tokens, K responses of R tokens, "
+    print("\n## prompt sharing vs padded: P prompt tokens, K responses of R tokens, "
           f"{args.sweep_prompts} prompts per step")
-    print("| P | R | P/R | K | shared-prompt speed-up (min / median) | tokens run, shared / padded |")
-    print("|---|---|---|---|---|---|")
+    print("| P | R | P/R | K | shared-prompt speed-up (min / median) | tree speed-up (min / median) "
+          "| tokens run, shared / padded |")
+    print("|---|---|---|---|---|---|---|")
     for p, r in args.sweep_lengths:
         for k in args.sweep_k:
             batch = to_device(collator([make_record(p, [r] * k, vocab, gen) | {"reference_logps": [0.0] * k}
                                         for _ in range(args.sweep_prompts)]), device)
             fns = {layout: (lambda lay=layout: run_epoch(trainer, model, [batch], lay))
-                   for layout in ("padded", "shared_prompt")}
+                   for layout in ("padded",) + SHARING}
             times = timed_round_robin(fns, repeats=args.repeats, warmup=1, device=device)
-            speed = ratios(times, "padded")["shared_prompt"]
+            speed = ratios(times, "padded")
             token_ratio = (p + k * r) / (k * (p + r))
-            rows.append({"prompt_len": p, "response_len": r, "k": k, "speedup": speed, "token_ratio": token_ratio})
-            print(f"| {p} | {r} | {p / r:.2f} | {k} | {speed['min']:.2f}x / {speed['median']:.2f}x | "
-                  f"{token_ratio:.2f} |", flush=True)
+            rows.append({"prompt_len": p, "response_len": r, "k": k, "speedup": speed["shared_prompt"],
+                         "speedup_tree": speed["tree"], "token_ratio": token_ratio})
+            cells = " | ".join(f"{speed[lay]['min']:.2f}x / {speed[lay]['median']:.2f}x" for lay in SHARING)
+            print(f"| {p} | {r} | {p / r:.2f} | {k} | {cells} | {token_ratio:.2f} |", flush=True)
     return rows
 
 

@@ -21,7 +21,7 @@ __all__ = ["TrainConfig", "coerce_value", "DATA_KINDS", "FORWARD_LAYOUTS", "REFE
 #: What the training rows are: "reward" (K scored responses), "pairwise" (chosen / rejected), "auto" (from the data).
 DATA_KINDS = ("auto", "reward", "pairwise")
 #: How the log-prob forward lays out the K responses of a prompt (:mod:`nca_kit.packing`).
-FORWARD_LAYOUTS = ("padded", "packed", "shared_prompt")
+FORWARD_LAYOUTS = ("padded", "packed", "shared_prompt", "tree")
 REFERENCE_MODES = ("cached", "per_step")
 
 
@@ -65,7 +65,7 @@ class TrainConfig:
     beta: float = 0.01  # App. C: implicit-reward scale beta = 0.01
     average_logps: bool = False  # paper: summed token log-probs; True = mean over response tokens
     reference: str = "cached"  # "cached": log mu computed once before training; "per_step": every step
-    logps_forward: str = "padded"  # "padded" / "packed" (no padding) / "shared_prompt" (prompt once per K responses)
+    logps_forward: str = "padded"  # "padded" / "packed" (no padding) / "shared_prompt" / "tree" (prompt once per K)
 
     # --- optimisation
     learning_rate: float = 5e-6  # App. C: 5e-6

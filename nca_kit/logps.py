@@ -32,7 +32,7 @@ from typing import Any, Iterable
 import torch
 
 from nca_kit.data.schema import as_reward_row
-from nca_kit.packing import FORWARD_LAYOUTS, packed_states, shared_prompt_states
+from nca_kit.packing import FORWARD_LAYOUTS, packed_states, shared_prompt_states, tree_prompt_states
 
 __all__ = [
     "PromptTooLongError",
@@ -297,8 +297,9 @@ def sequence_logps(model, batch: dict, *, average: bool = False, selective: bool
             the same numbers (up to float rounding) — ``selective`` is faster and uses less memory.
         forward: how the transformer sees the ``N`` sequences (:mod:`nca_kit.packing`): ``"padded"`` as one
             ``(N, T)`` batch; ``"packed"`` end to end in rows without padding, positions restarting per sequence;
-            ``"shared_prompt"`` each prompt once, its responses from the prompt's keys/values. Same numbers (up to
-            float rounding) and same gradients; ``selective=False`` exists only for ``"padded"``.
+            ``"shared_prompt"`` each prompt once, its responses from the prompt's keys/values; ``"tree"`` each prompt
+            once in a row followed by its responses, under a tree attention mask (eager/sdpa attention). Same numbers
+            (up to float rounding) and same gradients; ``selective=False`` exists only for ``"padded"``.
 
     The last hidden state at position ``t - 1`` predicts token ``t``; response tokens are where ``loss_mask`` is
     ``True``, so the predicting positions are ``loss_mask[:, 1:]``.
@@ -327,7 +328,8 @@ def sequence_logps(model, batch: dict, *, average: bool = False, selective: bool
             states = packed_states(model, input_ids, attention_mask, rows, cols)  # (M, H)
         else:
             owner = response_mask.nonzero(as_tuple=True)[0].to(input_ids.device)  # (N,): prompt of each row
-            states = shared_prompt_states(model, input_ids, attention_mask, loss_mask, owner, rows, cols)  # (M, H)
+            layout = shared_prompt_states if forward == "shared_prompt" else tree_prompt_states
+            states = layout(model, input_ids, attention_mask, loss_mask, owner, rows, cols)  # (M, H)
         logits = _scale_logits(model, _output_layer(model)(states))  # (M, V)
         token_logps = _token_logps(logits, input_ids[rows, cols + 1])  # (M,)
     else:

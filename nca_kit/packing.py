@@ -20,6 +20,13 @@ expanded over their ``K`` responses, and the responses run from that cache. Cost
 that of the independent forward. The same two steps (:func:`encode_prefixes`, :func:`continue_from_prefixes`) score
 many follow-ups of one shared conversation.
 
+**tree** (:func:`tree_states`): one row per prefix, holding the prefix followed by all of its continuations, with
+position ids that restart at the prefix length for each continuation and a 4D attention mask that lets a continuation
+token see the prefix and the earlier tokens of its own continuation only. One forward, no key/value copies, no
+padding between continuations: what the FLR scorer uses for its many short follow-ups of one long conversation
+(``bench/bench_flr.py`` measures it against the cache expansion and the naive path). A custom 4D mask is honoured by
+the eager and sdpa attention implementations; flash-attention and flex attention need the cache layout.
+
 The cache used for that (:class:`PrefixCache`) never grows during a forward: it hands each layer ``prefix + new``
 keys/values without storing them (or, while encoding, keeps only the latest ones). So when gradient checkpointing
 replays a layer in the backward pass the layer sees exactly the same cache as in the forward pass; ``transformers``
@@ -48,6 +55,9 @@ __all__ = [
     "encode_prefixes",
     "continue_from_prefixes",
     "shared_prompt_states",
+    "TREE_ATTENTION",
+    "tree_states",
+    "tree_prompt_states",
 ]
 
 
@@ -262,3 +272,106 @@ def shared_prompt_states(model, input_ids: torch.Tensor, attention_mask: torch.T
         raise ValueError("shared_prompt_states: a wanted position lies inside the prompt")
     states = hidden[rows, local.clamp(min=0)]  # (M, H)
     return torch.where((local < 0)[:, None], prefix.last[owner[rows]], states)  # (M, H)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tree: a prefix and all its continuations in one row
+# --------------------------------------------------------------------------------------------------------------------
+
+TREE_ATTENTION = ("eager", "sdpa")  # attention implementations that take a custom additive 4D mask as it is
+
+
+def _attention_implementation(model) -> str | None:
+    return getattr(_unwrap(model).config, "_attn_implementation", None)
+
+
+def tree_states(model, prefixes, continuations) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Final hidden states of many continuations of a few prefixes, each prefix with all its continuations in one row.
+
+    Args:
+        prefixes: ``B`` token-id lists.
+        continuations: ``continuations[b]``, the token-id lists that continue ``prefixes[b]`` (``N`` in all).
+
+    Row ``b`` is ``prefix_b ++ c_1 ++ c_2 ++ ...``; continuation tokens take positions ``P_b, P_b + 1, ...`` (as if
+    each followed the prefix alone) and attend to the prefix and to their own continuation, causally. Cost
+    ``~ sum_b (P_b + sum_j |c_j|)`` tokens in ``B`` rows, with no padding inside a row and no key/value copies.
+
+    Returns:
+        ``(states (N, T + 1, H), ids (N, T), mask (N, T))`` in the order of ``continuations`` flattened: ``states[n,
+        t]`` predicts continuation token ``t`` (``t = 0``: the prefix's last state); ``mask`` marks real tokens.
+    """
+    implementation = _attention_implementation(model)
+    if implementation not in TREE_ATTENTION:
+        raise ValueError(f"tree_states needs one of the attention implementations {TREE_ATTENTION} (a custom 4D "
+                         f"mask); this model uses {implementation!r}: use encode_prefixes/continue_from_prefixes")
+    device = next(_unwrap(model).parameters()).device
+    dtype = _unwrap(model).get_input_embeddings().weight.dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    ids_rows, seg_rows, pos_rows, starts = [], [], [], []
+    for prefix, group in zip(prefixes, continuations):
+        ids, seg, pos = list(prefix), [0] * len(prefix), list(range(len(prefix)))
+        for j, cont in enumerate(group):
+            starts.append((len(ids_rows), len(prefix), len(ids), len(cont)))
+            ids += list(cont)
+            seg += [j + 1] * len(cont)
+            pos += range(len(prefix), len(prefix) + len(cont))
+        ids_rows.append(ids), seg_rows.append(seg), pos_rows.append(pos)
+    width = max(len(r) for r in ids_rows)
+    n_rows = len(ids_rows)
+    ids_t = torch.zeros((n_rows, width), dtype=torch.long)  # (B, L)
+    seg_t = torch.full((n_rows, width), -1, dtype=torch.long)  # (B, L): -1 = padding, 0 = prefix, j = continuation j
+    pos_t = torch.zeros((n_rows, width), dtype=torch.long)  # (B, L)
+    for b, (ids, seg, pos) in enumerate(zip(ids_rows, seg_rows, pos_rows)):
+        ids_t[b, :len(ids)] = torch.tensor(ids)
+        seg_t[b, :len(seg)] = torch.tensor(seg)
+        pos_t[b, :len(pos)] = torch.tensor(pos)
+    ids_t, seg_t, pos_t = ids_t.to(device), seg_t.to(device), pos_t.to(device)
+    column = torch.arange(width, device=device)
+    causal = column[None, :] <= column[:, None]  # (L, L): key <= query
+    seg_q, seg_k = seg_t[:, :, None], seg_t[:, None, :]  # (B, L, 1), (B, 1, L)
+    allowed = causal & (seg_k >= 0) & ((seg_k == seg_q) | (seg_k == 0))  # (B, L, L)
+    allowed |= torch.eye(width, dtype=torch.bool, device=device)  # a padding query sees itself: no empty softmax row
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    out = model(input_ids=ids_t, attention_mask=mask[:, None], position_ids=pos_t, logits_to_keep=1,
+                output_hidden_states=True, use_cache=False)
+    hidden = _hidden(out)  # (B, L, H)
+    t_max = max(length for *_, length in starts)
+    n = len(starts)
+    row = torch.tensor([s[0] for s in starts], device=device)  # (N,)
+    prefix_last = torch.tensor([s[1] - 1 for s in starts], device=device)  # (N,)
+    start = torch.tensor([s[2] for s in starts], device=device)  # (N,)
+    length = torch.tensor([s[3] for s in starts], device=device)  # (N,)
+    t = torch.arange(t_max + 1, device=device)  # (T + 1,)
+    cols = torch.where(t[None, :] == 0, prefix_last[:, None], start[:, None] + t[None, :] - 1)  # (N, T + 1)
+    cols = torch.minimum(cols, (start + length - 1)[:, None])  # past a continuation's end: its last state (unread)
+    states = hidden[row[:, None], cols]  # (N, T + 1, H)
+    cont_mask = t[None, :t_max] < length[:, None]  # (N, T)
+    cont_ids = ids_t[row[:, None], (start[:, None] + t[None, :t_max]).clamp(max=width - 1)] * cont_mask  # (N, T)
+    return states, cont_ids, cont_mask
+
+
+def tree_prompt_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                       owner: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """:func:`shared_prompt_states` in the tree layout: one row per prompt holding the prompt and its K responses
+    (:func:`tree_states`), one forward, gradients through the prompt as in the independent forward.
+
+    Same arguments and result: final hidden states ``(M, H)`` at ``(rows[m], cols[m])`` of the collated batch.
+    """
+    prompt_len = loss_mask.int().argmax(-1)  # (N,): first response token = prompt length
+    seq_len = attention_mask.sum(-1)  # (N,)
+    owner_list, p_list, s_list = owner.tolist(), prompt_len.tolist(), seq_len.tolist()
+    ids = input_ids.tolist()
+    prefixes, continuations = [], []
+    for n, b in enumerate(owner_list):
+        if b == len(prefixes):
+            prefixes.append(ids[n][:p_list[n]])
+            continuations.append([])
+        elif b != len(prefixes) - 1:
+            raise ValueError("tree_prompt_states: the rows of a prompt must be consecutive, prompts numbered 0, 1, ..")
+        continuations[-1].append(ids[n][p_list[n]:s_list[n]])
+    states, _, _ = tree_states(model, prefixes, continuations)  # (N, R + 1, H)
+    local = cols + 1 - prompt_len[rows]  # (M,): state index t predicts response token t
+    if bool((local < 0).any()):
+        raise ValueError("tree_prompt_states: a wanted position lies inside the prompt")
+    return states[rows, local]  # (M, H)

@@ -1,4 +1,4 @@
-"""Padding-free packing and the shared-prompt forward: same log-probs and gradients as the padded batch."""
+"""Padding-free packing, the shared-prompt and tree forwards: same log-probs and gradients as the padded batch."""
 
 import datasets
 import pytest
@@ -8,7 +8,7 @@ from nca_kit.logps import RewardCollator, compute_reference_logps, sequence_logp
 from nca_kit.models import LoraSettings, enable_checkpointing, tiny_model, tiny_tokenizer
 from nca_kit.packing import pack_sequences, packed_states
 
-LAYOUTS = ["packed", "shared_prompt"]
+LAYOUTS = ["packed", "shared_prompt", "tree"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -166,6 +166,9 @@ def test_layout_is_validated(batch):
     left = dict(batch, attention_mask=batch["attention_mask"].flip(-1))
     with pytest.raises(ValueError, match="right-padded"):
         sequence_logps(model, left, forward="packed")
+    model.config._attn_implementation = "flash_attention_2"  # takes no custom 4D mask: tree says so before running
+    with pytest.raises(ValueError, match="custom 4D mask"):
+        sequence_logps(model, batch, forward="tree")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -182,5 +185,5 @@ def test_trainer_loss_is_the_same_with_each_layout(layout, tok, tokenized, tmp_p
     losses = {}
     for name in ("padded", layout):
         trainer = NCATrainer(model=model, args=args, loss_type="nca", logps_forward=name)
-        losses[name] = float(trainer.compute_loss(model, batch))  # per-step reference: adapters disabled
+        losses[name] = float(trainer.compute_loss(model, batch).detach())  # per-step reference: adapters disabled
     assert losses[layout] == pytest.approx(losses["padded"], abs=1e-6)

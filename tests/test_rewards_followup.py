@@ -35,12 +35,13 @@ PROMPTS = ["What is two plus two?", [{"role": "user", "content": "hello"}],
 RESPONSES = ["Four.", "hello there, how are you doing today?", "The sea is wide and blue.", "Five"]
 
 
-def test_prefix_shared_and_naive_logps_agree_with_plain_logits(model):
-    # prefixes of different lengths (left padding), continuations of different lengths (right padding)
+@pytest.mark.parametrize("layout", ["tree", "cache"])
+def test_prefix_shared_and_naive_logps_agree_with_plain_logits(model, layout):
+    # prefixes of different lengths (padding), continuations of different lengths (padding; tree: packed in one row)
     prefixes = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14], [20, 21, 22, 23, 24]]
     continuations = [[[1, 2, 3], [4]], [[7, 8, 9, 10, 11, 12]], [[3], [3, 4, 5, 6], [9, 9]]]
     with torch.no_grad():
-        shared, mask = flr.prefix_shared_logps(model, prefixes, continuations)
+        shared, mask = flr.prefix_shared_logps(model, prefixes, continuations, layout=layout)
         naive, naive_mask = flr.prefix_shared_logps(model, prefixes, continuations, share_prefix=False)
     assert shared.shape == (6, 6) and torch.equal(mask, naive_mask)
     assert torch.allclose(shared, naive, atol=1e-4)
@@ -53,14 +54,55 @@ def test_prefix_shared_and_naive_logps_agree_with_plain_logits(model):
         assert mask[n].sum() == len(c) and not shared[n, len(c):].any()
 
 
-def test_flr_scores_shared_and_naive_agree(model, tok):
-    shared = flr.flr_scores(model, tok, PROMPTS, RESPONSES, followups=SMALL, batch_size=5, progress=False)
+@pytest.mark.parametrize("layout", ["tree", "cache"])
+def test_flr_scores_shared_and_naive_agree(model, tok, layout):
+    shared = flr.flr_scores(model, tok, PROMPTS, RESPONSES, followups=SMALL, batch_size=5, layout=layout,
+                            progress=False)
     naive = flr.flr_scores(model, tok, PROMPTS, RESPONSES, followups=SMALL, batch_size=3, share_prefix=False,
                            progress=False)
     assert shared.loglik.shape == shared.logit.shape == (4, 7)
     np.testing.assert_allclose(shared.loglik, naive.loglik, atol=1e-4)
     np.testing.assert_allclose(shared.logit, naive.logit, atol=1e-4)
     np.testing.assert_allclose(shared.rewards(), naive.rewards(), atol=1e-4)
+
+
+def test_tree_layout_gradients_equal_the_naive_forward(model):
+    prefixes = [[5, 6, 7, 8, 9], [13, 14]]
+    continuations = [[[1, 2, 3], [4], [8, 8]], [[7, 8, 9, 10]]]
+    grads = {}
+    for name, options in {"naive": dict(share_prefix=False), "tree": dict(layout="tree")}.items():
+        model.zero_grad()
+        logps, mask = flr.prefix_shared_logps(model, prefixes, continuations, **options)
+        (logps * torch.arange(1, logps.shape[0] + 1)[:, None]).sum().backward()  # a different weight per row
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    assert grads["tree"].keys() == grads["naive"].keys() and grads["tree"]
+    for n in grads["naive"]:
+        torch.testing.assert_close(grads["tree"][n], grads["naive"][n], atol=1e-5, rtol=1e-4)
+
+
+def test_tree_mask_keeps_continuations_apart(model):
+    # one prefix, two continuations: the second one's log-probs must not depend on the first one's tokens
+    with torch.no_grad():
+        a, _ = flr.prefix_shared_logps(model, [[5, 6, 7]], [[[1, 2, 3], [9, 10]]], layout="tree")
+        b, _ = flr.prefix_shared_logps(model, [[5, 6, 7]], [[[40, 41, 42], [9, 10]]], layout="tree")
+    assert torch.equal(a[1], b[1]) and not torch.equal(a[0], b[0])
+
+
+def test_layout_errors(model):
+    with pytest.raises(ValueError, match="layout must be one of"):
+        flr.prefix_shared_logps(model, [[1, 2]], [[[3]]], layout="flat")
+    from nca_kit import packing
+
+    implementation = model.config._attn_implementation
+    model.config._attn_implementation = "flash_attention_2"
+    try:
+        with pytest.raises(ValueError, match="custom 4D"):
+            packing.tree_states(model, [[1, 2]], [[[3]]])
+        assert flr._layout(model, "auto") == "cache"
+    finally:
+        model.config._attn_implementation = implementation
+    assert flr._layout(model, "auto") == "tree"
 
 
 def test_followup_tokens_are_scored_not_the_template(tok):

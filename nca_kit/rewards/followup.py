@@ -29,10 +29,13 @@ two). Variant ``"code"`` reproduces exactly that on any template; variant ``"pap
 forward pass yields both, so :class:`FLRScores` always holds both.
 
 **Speed.** Each response is scored under ``2|F|`` continuations (120 with the default follow-ups) that share the
-long prefix ``x, y``. :func:`prefix_shared_logps` encodes each prefix once and runs all its continuations in one
-batched pass from the prefix's cached keys/values (the cache is index-selected over the batch), instead of running
-the whole conversation again per follow-up (``share_prefix=False``, the naive path kept for checks and the benchmark
-``bench/bench_flr.py``). Both paths give the same numbers up to float rounding.
+long prefix ``x, y``. :func:`prefix_shared_logps` computes each prefix once instead of running the whole
+conversation again per follow-up (``share_prefix=False``, the naive path kept for checks and the benchmark
+``bench/bench_flr.py``). By default (eager/sdpa attention) a response's prefix and all its follow-up turns go into one
+row under a tree attention mask (:func:`nca_kit.packing.tree_states`): one forward, no padding between the short
+turns, no copies of the prefix's keys/values; the alternative (``layout="cache"``, and what flash attention gets)
+encodes the prefixes, then runs the follow-ups from their keys/values expanded over the batch
+(:func:`nca_kit.packing.encode_prefixes`). All paths give the same numbers up to float rounding.
 
 Entry points: :func:`flr_rewards` / :func:`direct_rewards` (one float per response), :func:`flr_scores` (everything:
 per follow-up, per category, both variants), :func:`rescore_reward_dataset` and :func:`arithmetic_reward_dataset`
@@ -59,7 +62,7 @@ import torch
 from nca_kit.cache import Cache
 from nca_kit.data import as_messages as normalize_prompt
 from nca_kit.logps import tokenize_reward_record
-from nca_kit.packing import cache_argument
+from nca_kit import packing
 
 __all__ = [
     "CATEGORIES",
@@ -280,56 +283,47 @@ def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-@dataclass
-class _EncodedPrefixes:
-    """The key/value cache of ``B`` left-padded prefixes, their mask, and the state after each one's last token."""
-
-    keys_values: list  # per layer (keys, values), each (B, heads, P, head_dim)
-    mask: torch.Tensor  # (B, P)
-    last: torch.Tensor  # (B, H)
+PREFIX_LAYOUTS = ("auto", "tree", "cache")
 
 
-def _encode_prefixes(model, prefixes) -> _EncodedPrefixes:
-    """One forward over the prefixes, left-padded so that each ends in the last column; position ids count from each
-    prefix's first real token, so a padded prefix is encoded as it would be alone."""
-    from transformers import DynamicCache
-
-    ids, mask = _pad(prefixes, left=True, device=_device(model))  # (B, P)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                output_hidden_states=True, **{cache_argument(model): cache})
-    return _EncodedPrefixes([(k, v) for k, v, *_ in cache], mask, out.hidden_states[-1][:, -1])
+def _layout(model, layout: str) -> str:
+    """``tree`` (:func:`nca_kit.packing.tree_states`) where the attention implementation takes a custom 4D mask
+    (eager, sdpa), else ``cache`` (:func:`nca_kit.packing.encode_prefixes` + ``continue_from_prefixes``)."""
+    if layout not in PREFIX_LAYOUTS:
+        raise ValueError(f"layout must be one of {PREFIX_LAYOUTS}, got {layout!r}")
+    if layout == "auto":
+        return "tree" if packing._attention_implementation(model) in packing.TREE_ATTENTION else "cache"
+    return layout
 
 
-def _continue(model, prefix: _EncodedPrefixes, continuations, owner):
-    """``(states (N, T + 1, H), ids (N, T), mask (N, T))`` of ``N`` continuations, continuation ``n`` following
-    prefix ``owner[n]``. ``states[n, t]`` is the final hidden state that predicts continuation token ``t`` (``t = 0``:
-    the prefix's last state); ``states[n, len_n]`` is the state after the last token.
+class _CachedPrefixes:
+    """The ``cache`` layout: prefixes encoded once (right-padded), continuations run from their expanded keys/values."""
 
-    The prefix cache is expanded over the batch: a view when all rows share one prefix, else an index-select.
-    """
-    from transformers import DynamicCache
+    def __init__(self, model, prefixes):
+        self.model = model
+        ids, mask = _pad(prefixes, left=False, device=_device(model))  # (B, P)
+        self.encoded = packing.encode_prefixes(model, ids, mask)
 
-    device = _device(model)
-    n = len(continuations)
-    if prefix.mask.shape[0] == 1:
-        rows = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix.keys_values]
-    else:
-        rows = [(k[owner], v[owner]) for k, v in prefix.keys_values]
-    cache = DynamicCache(rows, config=model.config)
-    ids, mask = _pad(continuations, left=False, device=device)  # (N, T), right-padded
-    lengths = prefix.mask.sum(-1)[owner]  # (N,)
-    out = model(input_ids=ids, attention_mask=torch.cat([prefix.mask[owner], mask], dim=1),  # (N, P + T)
-                position_ids=lengths[:, None] + torch.arange(ids.shape[1], device=device), use_cache=True,
-                logits_to_keep=1, output_hidden_states=True, **{cache_argument(model): cache})
-    hidden = out.hidden_states[-1]  # (N, T, H)
-    return torch.cat([prefix.last[owner, None], hidden], dim=1), ids, mask.bool()  # (N, T + 1, H)
+    def states(self, continuations, owner):
+        ids, mask = _pad(continuations, left=False, device=_device(self.model))  # (N, T)
+        hidden = packing.continue_from_prefixes(self.model, self.encoded, owner, ids, mask)  # (N, T, H)
+        return torch.cat([self.encoded.last[owner, None], hidden], dim=1), ids, mask.bool()  # (N, T + 1, H)
 
 
-def _shared_hidden(model, prefixes, continuations, owner):
-    """:func:`_continue` after :func:`_encode_prefixes`: each prefix encoded once for all its continuations."""
-    return _continue(model, _encode_prefixes(model, prefixes), continuations, owner)
+def _grouped(continuations, owner, n_prefixes):
+    groups = [[] for _ in range(n_prefixes)]
+    for c, o in zip(continuations, owner.tolist()):
+        groups[o].append(c)
+    return groups
+
+
+def _shared_hidden(model, prefixes, continuations, owner, layout="auto"):
+    """``(states (N, T + 1, H), ids (N, T), mask (N, T))`` of ``N`` continuations, continuation ``n`` following prefix
+    ``owner[n]`` (``owner`` sorted, so the rows come back in the continuations' order): ``states[n, t]`` predicts
+    continuation token ``t`` (``t = 0``: the prefix's last state). Each prefix is encoded once."""
+    if _layout(model, layout) == "tree":
+        return packing.tree_states(model, prefixes, _grouped(continuations, owner, len(prefixes)))
+    return _CachedPrefixes(model, prefixes).states(continuations, owner)
 
 
 def _naive_hidden(model, prefixes, continuations, owner):
@@ -359,14 +353,16 @@ def _check_groups(prefixes, continuations):
     return flat, owner
 
 
-def _hidden(model, prefixes, continuations, share_prefix):
+def _hidden(model, prefixes, continuations, share_prefix, layout):
     flat, owner = _check_groups(prefixes, continuations)
     owner = owner.to(_device(model))
-    return (_shared_hidden if share_prefix else _naive_hidden)(model, prefixes, flat, owner)
+    if share_prefix:
+        return _shared_hidden(model, prefixes, flat, owner, layout)
+    return _naive_hidden(model, prefixes, flat, owner)
 
 
 def prefix_shared_logps(model, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[Sequence[int]]],
-                        *, share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                        *, share_prefix: bool = True, layout: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     r"""Per-token ``log pi(c_t | prefix, c_<t)`` of many continuations of a few prefixes, each prefix encoded once.
 
     Args:
@@ -374,17 +370,21 @@ def prefix_shared_logps(model, prefixes: Sequence[Sequence[int]], continuations:
             caller wants them (a training forward can share one prompt among its K responses).
         prefixes: ``B`` token-id lists (different lengths allowed).
         continuations: ``continuations[b]`` is the list of token-id lists that continue ``prefixes[b]``; ``N`` in all.
-        share_prefix: ``True``: one forward over the ``B`` prefixes (left-padded so all end in the last column, with
-            position ids counted from each prefix's first real token), then one forward over the ``N`` right-padded
-            continuations whose key/value cache is the prefixes' cache index-selected row by row (``N`` rows from
-            ``B``). Cost ~ ``B*P + N*T`` tokens. ``False``: the naive way, ``N`` full sequences of ``P + T`` tokens.
+        share_prefix: ``True``: each prefix is computed once, in the way ``layout`` names. Cost ~ ``B*P + N*T``
+            tokens. ``False``: the naive way, ``N`` full sequences of ``P + T`` tokens.
+        layout: ``"tree"``: one forward, one row per prefix holding it and all its continuations under a tree
+            attention mask (:func:`nca_kit.packing.tree_states`); ``"cache"``: one forward over the prefixes, then
+            one over the ``N`` right-padded continuations with the prefixes' keys/values expanded over them
+            (:func:`nca_kit.packing.encode_prefixes`, :func:`~nca_kit.packing.continue_from_prefixes`);
+            ``"auto"``: ``tree`` where the attention implementation takes a custom 4D mask (eager, sdpa), else
+            ``cache``.
 
     Returns:
         ``(logps, mask)``, both ``(N, T)``, rows in the order of ``continuations`` flattened (group by group):
         ``logps[n, t]`` is the log-probability of continuation token ``t``; ``0`` where ``mask`` is ``False``
         (padding). The first token is predicted from the prefix's last position.
     """
-    states, ids, mask = _hidden(model, prefixes, continuations, share_prefix)
+    states, ids, mask = _hidden(model, prefixes, continuations, share_prefix, _layout(model, layout))
     rows, cols = mask.nonzero(as_tuple=True)  # (M,), (M,)
     logits = _logits(model, states[rows, cols])  # (M, V): states[:, t] predicts token t
     token_logps = logits.gather(-1, ids[rows, cols, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (M,)
@@ -565,7 +565,7 @@ def _shared_header(tokens: list[_FollowupTokens]) -> int:
 
 
 def _flr_block(model, tokenizer, messages, responses, tokens: list[_FollowupTokens], *, batch_size, max_length,
-               share_prefix, tick=lambda n: None) -> np.ndarray:
+               share_prefix, layout="auto", tick=lambda n: None) -> np.ndarray:
     """``(n, F, 2)`` scores of a block of responses: ``[..., 0]`` mean log-likelihood, ``[..., 1]`` code logit.
 
     Only the tokens a score reads are run: the shared turn header goes into the prefix, and a follow-up turn is cut
@@ -576,22 +576,25 @@ def _flr_block(model, tokenizer, messages, responses, tokens: list[_FollowupToke
     header = list(tokens[0].ids[:common])
     # inputs of follow-up f: its turn from the header on, up to the last state a score reads (at least one token)
     inputs = [list(f.ids[common:max(f.span[1] - 1, f.code_position, common + 1)]) for f in tokens]
+    layout = _layout(model, layout) if share_prefix else "naive"
     per_forward = max(1, batch_size // n_f)  # responses per forward when all their follow-ups fit in one batch
-    chunk = min(n_f, batch_size)  # follow-ups per forward
+    chunk = n_f if layout == "tree" else min(n_f, batch_size)  # follow-ups per forward (tree: one row per response)
     out = np.zeros((len(responses), n_f, 2))
     device = _device(model)
     for lo in range(0, len(responses), per_forward):
         hi = min(lo + per_forward, len(responses))
         prefixes = [_conversation_prefix(tokenizer, m, r, max_length) + header
                     for m, r in zip(messages[lo:hi], responses[lo:hi])]
-        encoded = _encode_prefixes(model, prefixes) if share_prefix else None
+        encoded = _CachedPrefixes(model, prefixes) if layout == "cache" else None
         for f_lo in range(0, n_f, chunk):
             group = range(f_lo, min(f_lo + chunk, n_f))
             owner = torch.arange(hi - lo, device=device).repeat_interleave(len(group))  # (R,)
             rows_f = [f for _ in range(hi - lo) for f in group]  # follow-up of each row
             continuations = [inputs[f] for f in rows_f]
-            if share_prefix:
-                states, _, _ = _continue(model, encoded, continuations, owner)  # (R, T + 1, H)
+            if layout == "tree":
+                states, _, _ = packing.tree_states(model, prefixes, [[inputs[f] for f in group]] * (hi - lo))
+            elif layout == "cache":
+                states, _, _ = encoded.states(continuations, owner)  # (R, T + 1, H)
             else:
                 states, _, _ = _naive_hidden(model, prefixes, continuations, owner)
             # "paper": mean log-likelihood over the follow-up's own tokens; states[:, t - common] predicts token t.
@@ -643,6 +646,7 @@ def flr_scores(
     batch_size: int = 64,
     max_length: int = 1024,
     share_prefix: bool = True,
+    layout: str = "auto",
     cache_dir: str | os.PathLike | Cache | None = None,
     progress: bool = True,
 ) -> FLRScores:
@@ -652,9 +656,12 @@ def flr_scores(
         prompts: ``N`` prompts (a string or chat messages each; one per response, repeat a prompt for K responses).
         responses: ``N`` non-empty response strings.
         followups, categories: see :func:`load_followups` (default: the six helpfulness categories).
-        batch_size: continuations per forward pass (memory ~ ``batch_size * (prefix + turn)`` tokens of keys/values).
+        batch_size: continuations per forward pass: ``batch_size // F`` responses with all their ``F`` follow-ups (at
+            least one response); the ``cache`` layout splits the follow-ups of one response into forwards of
+            ``batch_size`` when ``F`` is larger.
         max_length: a conversation prefix (prompt + response) longer than this keeps its last ``max_length`` tokens.
         share_prefix: encode each prefix once (:func:`prefix_shared_logps`); ``False`` is the naive path.
+        layout: how a shared prefix is computed (see :func:`prefix_shared_logps`; the scores are the same).
         cache_dir: a folder (or :class:`nca_kit.cache.Cache`) to keep the scores in, block by block, keyed by
             :func:`model_fingerprint`, the follow-ups, ``max_length`` and the texts; ``None``: no disk cache.
         progress: a tqdm bar over responses.
@@ -674,7 +681,7 @@ def flr_scores(
                 def compute(lo=lo, hi=hi):
                     return _flr_block(model, tokenizer, messages[lo:hi], list(responses[lo:hi]), tokens,
                                       batch_size=batch_size, max_length=max_length, share_prefix=share_prefix,
-                                      tick=bar.update)
+                                      layout=layout, tick=bar.update)
 
                 if cache is None:
                     parts.append(compute())
