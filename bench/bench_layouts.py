@@ -1,4 +1,4 @@
-"""Forward layouts of the training step, measured side by side: padded, packed (no padding), shared prompt, tree.
+"""Forward layouts of the training step, measured side by side: padded, packed (no padding), shared prompt, tree, auto.
 
 Two parts, both timing ``NCATrainer.training_step`` (selective log-probs + NCA loss + backward, cached reference)
 on the small random model of ``bench/bench_train.py`` (LoRA r = 16), in interleaved rounds so machine-load drift
@@ -10,7 +10,8 @@ hits every variant alike; each ratio is computed per round and reported as min /
    ``bench/synthetic_ultrafeedback.py``, scaled to ``--max-length``: short prompts, responses of different lengths).
    One epoch per variant: random batches (naive) or length-grouped batches, each with the padded, packed,
    shared-prompt (prompt keys/values expanded over its K responses) or tree (prompt and its K responses in one row
-   under a tree attention mask) forward. Reported: non-pad tokens/s over naive padding, and the activations saved for backward on
+   under a tree attention mask) forward, or ``auto`` (per batch the cheapest of padded, packed and tree by
+   estimated FLOPs, ``nca_kit.packing.choose_layout``). Reported: non-pad tokens/s over naive padding, and the activations saved for backward on
    the epoch's largest batch (MiB, summed over the tensors autograd keeps; on CUDA also the peak allocated memory).
 2. **Prompt sharing vs prompt/response length and K.** Synthetic prompts of ``P`` tokens with ``K`` responses of
    ``R`` tokens each (equal lengths, so there is no padding to remove and packing equals padding): speed-up of the
@@ -39,8 +40,8 @@ from bench_train import (  # noqa: E402
     SHAPES, build_model, make_record, make_trainer, timed_round_robin, to_device, ultrafeedback_like_lengths,
 )
 
-LAYOUTS = ("padded", "packed", "shared_prompt", "tree")
-SHARING = ("shared_prompt", "tree")
+LAYOUTS = ("padded", "packed", "shared_prompt", "tree", "auto")
+SHARING = ("shared_prompt", "tree", "auto")
 
 
 def smollm2_tokenizer():
@@ -163,8 +164,8 @@ def part_sweep(trainer, model, collator, device, args, vocab) -> list[dict]:
     print("\n## prompt sharing vs padded: P prompt tokens, K responses of R tokens, "
           f"{args.sweep_prompts} prompts per step")
     print("| P | R | P/R | K | shared-prompt speed-up (min / median) | tree speed-up (min / median) "
-          "| tokens run, shared / padded |")
-    print("|---|---|---|---|---|---|---|")
+          "| auto speed-up (min / median) | tokens run, shared / padded |")
+    print("|---|---|---|---|---|---|---|---|")
     for p, r in args.sweep_lengths:
         for k in args.sweep_k:
             batch = to_device(collator([make_record(p, [r] * k, vocab, gen) | {"reference_logps": [0.0] * k}
@@ -175,7 +176,7 @@ def part_sweep(trainer, model, collator, device, args, vocab) -> list[dict]:
             speed = ratios(times, "padded")
             token_ratio = (p + k * r) / (k * (p + r))
             rows.append({"prompt_len": p, "response_len": r, "k": k, "speedup": speed["shared_prompt"],
-                         "speedup_tree": speed["tree"], "token_ratio": token_ratio})
+                         "speedup_tree": speed["tree"], "speedup_auto": speed["auto"], "token_ratio": token_ratio})
             cells = " | ".join(f"{speed[lay]['min']:.2f}x / {speed[lay]['median']:.2f}x" for lay in SHARING)
             print(f"| {p} | {r} | {p / r:.2f} | {k} | {cells} | {token_ratio:.2f} |", flush=True)
     return rows

@@ -21,7 +21,7 @@ __all__ = ["TrainConfig", "coerce_value", "DATA_KINDS", "FORWARD_LAYOUTS", "REFE
 #: What the training rows are: "reward" (K scored responses), "pairwise" (chosen / rejected), "auto" (from the data).
 DATA_KINDS = ("auto", "reward", "pairwise")
 #: How the log-prob forward lays out the K responses of a prompt (:mod:`nca_kit.packing`).
-FORWARD_LAYOUTS = ("padded", "packed", "shared_prompt", "tree")
+FORWARD_LAYOUTS = ("padded", "packed", "shared_prompt", "tree", "auto")
 REFERENCE_MODES = ("cached", "per_step")
 
 

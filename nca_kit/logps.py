@@ -32,7 +32,7 @@ from typing import Any, Iterable
 import torch
 
 from nca_kit.data.schema import as_reward_row
-from nca_kit.packing import FORWARD_LAYOUTS, packed_states, shared_prompt_states, tree_prompt_states
+from nca_kit.packing import FORWARD_LAYOUTS, choose_layout, packed_states, shared_prompt_states, tree_prompt_states
 
 __all__ = [
     "PromptTooLongError",
@@ -298,8 +298,9 @@ def sequence_logps(model, batch: dict, *, average: bool = False, selective: bool
         forward: how the transformer sees the ``N`` sequences (:mod:`nca_kit.packing`): ``"padded"`` as one
             ``(N, T)`` batch; ``"packed"`` end to end in rows without padding, positions restarting per sequence;
             ``"shared_prompt"`` each prompt once, its responses from the prompt's keys/values; ``"tree"`` each prompt
-            once in a row followed by its responses, under a tree attention mask (eager/sdpa attention). Same numbers
-            (up to float rounding) and same gradients; ``selective=False`` exists only for ``"padded"``.
+            once in a row followed by its responses, under a tree attention mask (eager/sdpa attention); ``"auto"``
+            per batch the cheapest of padded, packed and tree by estimated FLOPs (:func:`nca_kit.packing.choose_layout`).
+            Same numbers (up to float rounding) and same gradients; ``selective=False`` exists only for ``"padded"``.
 
     The last hidden state at position ``t - 1`` predicts token ``t``; response tokens are where ``loss_mask`` is
     ``True``, so the predicting positions are ``loss_mask[:, 1:]``.
@@ -312,13 +313,16 @@ def sequence_logps(model, batch: dict, *, average: bool = False, selective: bool
         raise ValueError("loss_mask is True at position 0: a response needs a non-empty prompt before it")
     if forward not in FORWARD_LAYOUTS:
         raise ValueError(f"forward must be one of {FORWARD_LAYOUTS}, got {forward!r}")
-    if not selective and forward != "padded":
+    if not selective and forward not in ("padded", "auto"):
         raise ValueError(f"selective=False computes full logits of the padded batch; got forward={forward!r}")
     if int(response_mask.sum()) != input_ids.shape[0]:
         raise ValueError(f"response_mask has {int(response_mask.sum())} responses but the batch has "
                          f"{input_ids.shape[0]} rows")
     if selective:
         rows, cols = targets_mask.nonzero(as_tuple=True)  # (M,), (M,)
+        owner = response_mask.nonzero(as_tuple=True)[0].to(input_ids.device)  # (N,): prompt of each row
+        if forward == "auto":
+            forward = choose_layout(model, attention_mask, loss_mask, owner)
         if forward == "padded":
             out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1,
                         output_hidden_states=True, use_cache=False)
@@ -327,7 +331,6 @@ def sequence_logps(model, batch: dict, *, average: bool = False, selective: bool
         elif forward == "packed":
             states = packed_states(model, input_ids, attention_mask, rows, cols)  # (M, H)
         else:
-            owner = response_mask.nonzero(as_tuple=True)[0].to(input_ids.device)  # (N,): prompt of each row
             layout = shared_prompt_states if forward == "shared_prompt" else tree_prompt_states
             states = layout(model, input_ids, attention_mask, loss_mask, owner, rows, cols)  # (M, H)
         logits = _scale_logits(model, _output_layer(model)(states))  # (M, V)

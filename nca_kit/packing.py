@@ -20,6 +20,10 @@ expanded over their ``K`` responses, and the responses run from that cache. Cost
 that of the independent forward. The same two steps (:func:`encode_prefixes`, :func:`continue_from_prefixes`) score
 many follow-ups of one shared conversation.
 
+**auto** (:func:`choose_layout`): per batch, the cheapest of padded, packed and tree by a count of floating-point
+operations (linear layers per token, attention per query-key pair, from the model's config; the eager/sdpa kernels
+compute every pair of a row, masked or not). ``bench/bench_layouts.py`` measures how well it picks.
+
 **tree** (:func:`tree_states`): one row per prefix, holding the prefix followed by all of its continuations, with
 position ids that restart at the prefix length for each continuation and a 4D attention mask that lets a continuation
 token see the prefix and the earlier tokens of its own continuation only. One forward, no key/value copies, no
@@ -58,6 +62,8 @@ __all__ = [
     "TREE_ATTENTION",
     "tree_states",
     "tree_prompt_states",
+    "layout_flops",
+    "choose_layout",
 ]
 
 
@@ -375,3 +381,57 @@ def tree_prompt_states(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     if bool((local < 0).any()):
         raise ValueError("tree_prompt_states: a wanted position lies inside the prompt")
     return states[rows, local]  # (M, H)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Choosing a layout per batch
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _flop_rates(model) -> tuple[float, float]:
+    """``(per token, per query-key pair)`` forward FLOPs summed over the layers, from the model's config."""
+    config = _unwrap(model).config
+    config = getattr(config, "text_config", None) or config
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    inter = getattr(config, "intermediate_size", None) or 4 * h
+    layers = config.num_hidden_layers
+    per_token = 2 * (2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * inter) * layers
+    per_pair = 4 * heads * head_dim * layers
+    return float(per_token), float(per_pair)
+
+
+def layout_flops(model, attention_mask: torch.Tensor, loss_mask: torch.Tensor, owner: torch.Tensor) -> dict[str, float]:
+    """Estimated forward FLOPs of one collated batch in each layout that :func:`choose_layout` considers.
+
+    ``padded``: ``N`` rows of ``T``; ``packed``: the rows :func:`pack_sequences` makes, as wide as the longest
+    sequence; ``tree``: one row per prompt (``P + sum of its responses``), padded to the widest. Each row costs its
+    tokens times the per-token rate plus its width squared times the per-pair rate (dense masked attention).
+    The tree layout is left out when the attention implementation cannot take its mask.
+    """
+    per_token, per_pair = _flop_rates(model)
+    lengths = attention_mask.sum(-1).tolist()  # (N,)
+    n, width = attention_mask.shape
+
+    def cost(rows: int, w: int) -> float:
+        return rows * (w * per_token + w * w * per_pair)
+
+    costs = {"padded": cost(n, width)}
+    longest = max(lengths)
+    rows, _ = pack_sequences(lengths, longest)
+    costs["packed"] = cost(max(rows) + 1, longest)
+    if _attention_implementation(model) in TREE_ATTENTION:
+        prompt = loss_mask.int().argmax(-1).tolist()  # (N,)
+        per_prompt: dict[int, int] = {}
+        for b, p, length in zip(owner.tolist(), prompt, lengths):
+            per_prompt[b] = per_prompt.get(b, p) + length - p
+        costs["tree"] = cost(len(per_prompt), max(per_prompt.values()))
+    return costs
+
+
+def choose_layout(model, attention_mask: torch.Tensor, loss_mask: torch.Tensor, owner: torch.Tensor) -> str:
+    """The layout of :func:`layout_flops` with the fewest estimated FLOPs (``padded`` on a tie)."""
+    costs = layout_flops(model, attention_mask, loss_mask, owner)
+    return min(costs, key=lambda name: (costs[name], name != "padded"))

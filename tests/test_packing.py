@@ -8,7 +8,7 @@ from nca_kit.logps import RewardCollator, compute_reference_logps, sequence_logp
 from nca_kit.models import LoraSettings, enable_checkpointing, tiny_model, tiny_tokenizer
 from nca_kit.packing import pack_sequences, packed_states
 
-LAYOUTS = ["packed", "shared_prompt", "tree"]
+LAYOUTS = ["packed", "shared_prompt", "tree", "auto"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -155,6 +155,31 @@ def test_cached_reference_with_each_layout(layout, tok, tokenized):
     other = compute_reference_logps(model, tokenized, collate, batch_size=2, forward=layout)
     for a, b in zip(padded["reference_logps"], other["reference_logps"]):
         assert b == pytest.approx(a, abs=1e-5)
+
+
+def test_auto_layout_picks_by_estimated_flops():
+    from nca_kit.logps import RewardCollator
+    from nca_kit.packing import choose_layout, layout_flops
+
+    model = sharp_model("mistral", "sdpa", lora=False)
+    collate = RewardCollator(0)
+
+    def batch_of(prompt_len, response_lens, prompts=2):
+        record = {"prompt_input_ids": list(range(1, prompt_len + 1)),
+                  "response_input_ids": [list(range(5, 5 + r)) for r in response_lens],
+                  "rewards": [0.0] * len(response_lens)}
+        b = collate([record] * prompts)
+        return b["attention_mask"], b["loss_mask"].bool(), b["response_mask"].nonzero(as_tuple=True)[0]
+
+    long_prompt = batch_of(112, [16] * 8)  # the prompt is most of every row: run it once
+    assert choose_layout(model, *long_prompt) == "tree"
+    long_responses = batch_of(4, [120, 30, 20, 10] * 2)  # short prompt, long ragged responses: pack them
+    costs = layout_flops(model, *long_responses)
+    assert choose_layout(model, *long_responses) == "packed" and costs["tree"] > costs["packed"] < costs["padded"]
+    equal = batch_of(4, [20] * 2, prompts=1)  # nothing to remove: padded (ties go to padded)
+    assert choose_layout(model, *equal) in ("padded", "tree")
+    model.config._attn_implementation = "flash_attention_2"  # no custom mask: tree is not considered
+    assert "tree" not in layout_flops(model, *long_prompt)
 
 
 def test_layout_is_validated(batch):
