@@ -65,7 +65,7 @@ class TrainConfig:
     beta: float = 0.01  # App. C: implicit-reward scale beta = 0.01
     average_logps: bool = False  # paper: summed token log-probs; True = mean over response tokens
     reference: str = "cached"  # "cached": log mu computed once before training; "per_step": every step
-    logps_forward: str = "padded"  # "padded" / "packed" (no padding) / "shared_prompt" / "tree" (prompt once per K)
+    logps_forward: str = "auto"  # per batch the cheapest of padded / packed / tree; or one of them, or "shared_prompt"
 
     # --- optimisation
     learning_rate: float = 5e-6  # App. C: 5e-6

@@ -172,12 +172,12 @@ class NCATrainer(Trainer):
         average_logps: mean instead of sum over response tokens.
         reference_model: a frozen reference; ``None`` = the policy with its adapters disabled.
         logps_forward: layout of the policy and reference forwards (``forward`` of
-            :func:`nca_kit.logps.sequence_logps`).
+            :func:`nca_kit.logps.sequence_logps`); ``"auto"`` (default) picks padded, packed or tree per batch.
     """
 
     def __init__(self, *args, loss_type: str = "nca", alpha: float = 0.01, beta: float = 0.01,
                  pairwise: bool = False, average_logps: bool = False, reference_model=None,
-                 logps_forward: str = "padded", **kwargs):
+                 logps_forward: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         if self.args.remove_unused_columns:
             raise ValueError("NCATrainer needs TrainingArguments(remove_unused_columns=False)")
