@@ -7,8 +7,12 @@ model: loading and validation (:func:`nca_kit.training.prepare_data`), tokenizat
 (prompt <= 512, prompt + response <= 1024 tokens), the cached reference pass
 (:meth:`nca_kit.training.NCATrainer.precompute_reference_logps`, chunked and cached on disk), the same pass again (read
 back from its cache, as a resumed or repeated run does), and the first training steps. Each size runs in a fresh
-process (its own empty ``datasets`` cache), so the peak resident memory it reports (``ru_maxrss``, cumulative: the
-peak up to the end of that stage) belongs to that size alone. Flat memory means the same peak at every size.
+process (its own empty ``datasets`` cache), so the peak memory it reports belongs to that size alone. Two peaks per
+stage, both cumulative (the peak up to the end of that stage): ``peak_rss_mib`` (``ru_maxrss``) counts every resident
+page, including the pages of memory-mapped Arrow files that the kernel keeps in the page cache and can drop at any
+time; ``peak_anon_mib`` (``RssAnon`` of ``/proc/self/status``, sampled every 20 ms) counts only the process's own
+heap, which is what grows if the pipeline held the data set in Python objects or tensors. Flat memory means the
+same anonymous peak at every size.
 
     python bench/bench_data_scale.py --sizes 5000 20000 61135           # table + runs/bench_data_scale/results.json
     python bench/bench_data_scale.py --sizes 5000 --max-prompts-reference 2000   # quicker: reference on 2,000 rows
@@ -38,6 +42,37 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+class AnonPeak:
+    """The largest ``RssAnon`` (anonymous resident memory, MiB) seen by a sampling thread since it started."""
+
+    def __init__(self, every: float = 0.02):
+        import threading
+
+        self.peak = self.read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def read() -> float:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1]) / 1024  # kB
+        except OSError:
+            pass
+        return float("nan")
+
+    def _run(self, every: float):
+        while not self._stop.wait(every):
+            self.peak = max(self.peak, self.read())
+
+    def value(self) -> float:
+        self.peak = max(self.peak, self.read())
+        return self.peak
+
+
 def one_size(data: Path, out: Path, steps: int, reference_rows: int | None, reference_batch: int,
              start: float) -> list[dict]:
     """Run the stages on one dataset file in this process; one ``{stage, seconds, peak_rss_mib, ...}`` per stage."""
@@ -53,10 +88,11 @@ def one_size(data: Path, out: Path, steps: int, reference_rows: int | None, refe
                          per_device_batch_size=2, reference_batch_size=reference_batch, output_dir=str(out),
                          disable_tqdm=True, save_figure=False, warmup_ratio=0.0, seed=0)
     stages = []
+    anon = AnonPeak()
 
     def stage(name, **extra):
         stages.append({"stage": name, "seconds": round(time.perf_counter() - start, 2),
-                       "peak_rss_mib": round(peak_rss_mib(), 1), **extra})
+                       "peak_rss_mib": round(peak_rss_mib(), 1), "peak_anon_mib": round(anon.value(), 1), **extra})
         print(json.dumps(stages[-1]), file=sys.stderr, flush=True)
 
     stage("imports")  # counted from the start of this process (see main)
@@ -122,10 +158,11 @@ def main(argv=None) -> int:
         (out / "results.json").write_text(json.dumps(results, indent=1))
 
     names = [s["stage"] for s in next(iter(results.values()))]
-    print("\n| stage | " + " | ".join(f"{n:,} prompts: s / peak RSS MiB" for n in results) + " |")
+    print("\n| stage | " + " | ".join(f"{n:,} prompts: s / peak anon MiB / peak RSS MiB" for n in results) + " |")
     print("|---|" + "---|" * len(results))
     for i, name in enumerate(names):
-        cells = [f"{r[i]['seconds']:.1f} / {r[i]['peak_rss_mib']:.0f}" for r in results.values()]
+        cells = [f"{r[i]['seconds']:.1f} / {r[i]['peak_anon_mib']:.0f} / {r[i]['peak_rss_mib']:.0f}"
+                 for r in results.values()]
         rows = {r[i].get("rows") for r in results.values()} - {None}
         print(f"| {name}{' (' + ', '.join(f'{x:,}' for x in sorted(rows)) + ' rows)' if rows else ''} | "
               + " | ".join(cells) + " |")
