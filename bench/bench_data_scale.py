@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -146,6 +147,7 @@ def main(argv=None) -> int:
         data = out / f"synthetic_uf_{n}.jsonl.gz"
         if not data.exists():
             write_synthetic_ultrafeedback(data, n)
+        shutil.rmtree(out / f"run_{n}", ignore_errors=True)  # a fresh reference cache: the first pass is computed
         with tempfile.TemporaryDirectory() as hf_cache:  # a fresh datasets cache: loading is measured, not reused
             env = {**os.environ, "HF_DATASETS_CACHE": hf_cache, "OMP_NUM_THREADS": "1",
                    "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}

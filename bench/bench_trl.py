@@ -1,7 +1,8 @@
 """The kit's pairwise trainer side by side with TRL's ``DPOTrainer`` on the same HH-RLHF pairs.
 
 Both train the same tiny random Llama (SmolLM2's vocabulary and tokenizer, LoRA r = 16 on all projections, no
-dropout) in fp32 on the CPU, on the same token sequences, in the same order, with the same optimizer settings, and
+dropout) in fp32 on the CPU without gradient checkpointing (set explicitly: TRL's ``DPOConfig`` defaults to bf16 and
+gradient checkpointing), on the same token sequences, in the same order, with the same optimizer settings, and
 with reference log-probs computed once before training in both (TRL: ``precompute_ref_log_probs=True``; the kit:
 ``NCATrainer.precompute_reference_logps``). Losses: pairwise NCA (TRL ``nca_pair``), DPO (``sigmoid``) and IPO
 (``ipo``; TRL divides each log-ratio by its completion's token count, so the kit runs IPO with
@@ -99,7 +100,9 @@ def worker(which: str, loss: str, args) -> dict:
     model = tiny_llama(len(tokenizer))
     common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=args.steps,
                   learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, seed=0, logging_steps=1,
-                  report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no")
+                  report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no",
+                  # explicit for both sides: DPOConfig's own defaults are bf16=True and gradient_checkpointing=True
+                  bf16=False, gradient_checkpointing=False)
     dpo_args = DPOConfig(**common, beta=0.1, loss_type=[TRL_LOSS[loss]], max_length=args.max_length,
                          precompute_ref_log_probs=(which == "trl"))
     clock = StepClock()
