@@ -60,6 +60,7 @@ __all__ = [
     "continue_from_prefixes",
     "shared_prompt_states",
     "TREE_ATTENTION",
+    "tree_supported",
     "tree_states",
     "tree_prompt_states",
     "layout_flops",
@@ -291,6 +292,11 @@ def _attention_implementation(model) -> str | None:
     return getattr(_unwrap(model).config, "_attn_implementation", None)
 
 
+def tree_supported(model) -> bool:
+    """Whether the model's attention implementation takes the tree layout's custom 4D mask (eager, sdpa)."""
+    return _attention_implementation(model) in TREE_ATTENTION
+
+
 def tree_states(model, prefixes, continuations) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Final hidden states of many continuations of a few prefixes, each prefix with all its continuations in one row.
 
@@ -306,10 +312,10 @@ def tree_states(model, prefixes, continuations) -> tuple[torch.Tensor, torch.Ten
         ``(states (N, T + 1, H), ids (N, T), mask (N, T))`` in the order of ``continuations`` flattened: ``states[n,
         t]`` predicts continuation token ``t`` (``t = 0``: the prefix's last state); ``mask`` marks real tokens.
     """
-    implementation = _attention_implementation(model)
-    if implementation not in TREE_ATTENTION:
+    if not tree_supported(model):
         raise ValueError(f"tree_states needs one of the attention implementations {TREE_ATTENTION} (a custom 4D "
-                         f"mask); this model uses {implementation!r}: use encode_prefixes/continue_from_prefixes")
+                         f"mask); this model uses {_attention_implementation(model)!r}: use "
+                         "encode_prefixes/continue_from_prefixes")
     device = next(_unwrap(model).parameters()).device
     dtype = _unwrap(model).get_input_embeddings().weight.dtype
     if not dtype.is_floating_point:
@@ -343,7 +349,6 @@ def tree_states(model, prefixes, continuations) -> tuple[torch.Tensor, torch.Ten
                 output_hidden_states=True, use_cache=False)
     hidden = _hidden(out)  # (B, L, H)
     t_max = max(length for *_, length in starts)
-    n = len(starts)
     row = torch.tensor([s[0] for s in starts], device=device)  # (N,)
     prefix_last = torch.tensor([s[1] - 1 for s in starts], device=device)  # (N,)
     start = torch.tensor([s[2] for s in starts], device=device)  # (N,)
@@ -422,7 +427,7 @@ def layout_flops(model, attention_mask: torch.Tensor, loss_mask: torch.Tensor, o
     longest = max(lengths)
     rows, _ = pack_sequences(lengths, longest)
     costs["packed"] = cost(max(rows) + 1, longest)
-    if _attention_implementation(model) in TREE_ATTENTION:
+    if tree_supported(model):
         prompt = loss_mask.int().argmax(-1).tolist()  # (N,)
         per_prompt: dict[int, int] = {}
         for b, p, length in zip(owner.tolist(), prompt, lengths):

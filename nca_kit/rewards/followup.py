@@ -292,7 +292,7 @@ def _layout(model, layout: str) -> str:
     if layout not in PREFIX_LAYOUTS:
         raise ValueError(f"layout must be one of {PREFIX_LAYOUTS}, got {layout!r}")
     if layout == "auto":
-        return "tree" if packing._attention_implementation(model) in packing.TREE_ATTENTION else "cache"
+        return "tree" if packing.tree_supported(model) else "cache"
     return layout
 
 
@@ -317,11 +317,12 @@ def _grouped(continuations, owner, n_prefixes):
     return groups
 
 
-def _shared_hidden(model, prefixes, continuations, owner, layout="auto"):
+def _shared_hidden(model, prefixes, continuations, owner, layout):
     """``(states (N, T + 1, H), ids (N, T), mask (N, T))`` of ``N`` continuations, continuation ``n`` following prefix
     ``owner[n]`` (``owner`` sorted, so the rows come back in the continuations' order): ``states[n, t]`` predicts
-    continuation token ``t`` (``t = 0``: the prefix's last state). Each prefix is encoded once."""
-    if _layout(model, layout) == "tree":
+    continuation token ``t`` (``t = 0``: the prefix's last state). Each prefix is encoded once, in ``layout``
+    (``"tree"`` or ``"cache"``, as :func:`_layout` resolves it)."""
+    if layout == "tree":
         return packing.tree_states(model, prefixes, _grouped(continuations, owner, len(prefixes)))
     return _CachedPrefixes(model, prefixes).states(continuations, owner)
 
