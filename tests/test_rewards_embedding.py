@@ -253,6 +253,27 @@ def test_score_reward_dataset_writes_a_canonical_reward_dataset():
     validate_reward_dataset(bare)
 
 
+def test_score_reward_dataset_gives_a_repeated_response_one_reward():
+    """K samples repeat answers; a scorer whose output drifts with the batch position (as batched embeddings do)
+    must not give one text two rewards (validation would refuse the row as duplicate_response)."""
+    import datasets
+
+    class Drifting:
+        name = "drifting"
+
+        def score(self, prompts, responses):
+            return np.array([float(len(r)) + 1e-7 * i for i, r in enumerate(responses)])
+
+    rows = _reward_rows()
+    rows[1]["responses"] = ["3 + 4 = 7", "7", "3 + 4 = 7", "8"]  # the first answer twice, as in the sampled data
+    ds = datasets.Dataset.from_list(rows)
+    out = E.score_reward_dataset(Drifting(), ds)
+    validate_reward_dataset(out)
+    rewards = out["rewards"][1]
+    assert rewards[0] == rewards[2] and rewards[0] != rewards[1]
+    assert out["responses"] == ds["responses"]
+
+
 def test_learned_reward_dataset_in_one_call(tiny_lm, tmp_path):
     import datasets
 

@@ -835,6 +835,8 @@ def fit_reward_model(
 def score_reward_dataset(reward_model, dataset):
     """``dataset`` (rows with ``prompt`` and ``responses``) with ``rewards`` replaced by the learned rewards.
 
+    Each distinct response of a prompt is scored once; a response that repeats within its prompt gets the same reward.
+
     Returns a ``datasets.Dataset`` in the canonical reward layout (``prompt, responses, rewards, id, source``; other
     input columns kept), validated with :func:`nca_kit.data.validate_reward_dataset`. The input's own ``rewards``,
     if any, move to ``source_rewards``. ``reward_model`` is anything with ``score(prompts, responses) -> (N,)``.
@@ -846,14 +848,23 @@ def score_reward_dataset(reward_model, dataset):
     for column in ("prompt", "responses"):
         if column not in dataset.column_names:
             raise ValueError(f"dataset needs a '{column}' column, got columns {dataset.column_names}")
-    prompts = [p for row in dataset for p in [row["prompt"]] * len(row["responses"])]
-    responses = [r for row in dataset for r in row["responses"]]
+    # A reward is a function of (prompt, response): each distinct pair is scored once and its repeats (K samples
+    # often repeat an answer) share that score. Scoring every copy would give one text several rewards that differ
+    # by float noise (an embedding depends slightly on the batch it was computed in), which validation refuses.
+    prompts, responses, rows = [], [], []
+    for row in dataset:
+        index: dict[str, int] = {}
+        for response in row["responses"]:
+            if response not in index:
+                index[response] = len(responses)
+                prompts.append(row["prompt"])
+                responses.append(response)
+        rows.append([index[r] for r in row["responses"]])
     scores = np.asarray(reward_model.score(prompts, responses), dtype=np.float64)
     if scores.shape != (len(responses),) or not np.isfinite(scores).all():
         raise ValueError(f"reward_model returned {scores.shape} scores (finite: {np.isfinite(scores).all()}) for "
-                         f"{len(responses)} responses")
-    bounds = np.cumsum([0] + [len(r) for r in dataset["responses"]])
-    rewards = [scores[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+                         f"{len(responses)} distinct responses")
+    rewards = [[float(scores[i]) for i in at] for at in rows]
     out = dataset
     if "rewards" in out.column_names:
         out = out.rename_column("rewards", "source_rewards")
