@@ -1,5 +1,5 @@
 # nca-kit: two commands on a fresh machine with nothing but Python installed.
-#   make demo   executes the CPU course notebooks into runs/
+#   make demo   executes the CPU course notebooks in full size into runs/full/
 #   make test   unit tests + notebook tests
 # CUDA users: make setup TORCH_SPEC="torch==2.5.1" TORCH_INDEX=https://download.pytorch.org/whl/cu124
 
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) scripts/run_notebooks.py --out runs
+	$(PY) scripts/run_notebooks.py
 
 test: setup
 	NCA_KIT_SMOKE=1 $(PY) -m pytest tests
@@ -35,7 +35,7 @@ test-fast: setup
 
 lab: setup
 	$(PY) -m pip install --quiet jupyterlab
-	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
+	NCA_KIT_OUT=$(CURDIR)/runs/lab $(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: setup
 	$(PY) bench/bench_train.py

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from nca_kit.config import TrainConfig  # light: the trainer's heavy imports wait until a valid config is read
 
@@ -69,6 +70,9 @@ def build_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # peft's PeftModel reads transformers' renamed `is_gradient_checkpointing` attribute (the kit uses the new names);
+    # the same filter as pytest's (pyproject.toml), so a CLI run prints no FutureWarning it cannot act on
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     config = build_config(argv)
     from nca_kit.training import train
 

@@ -46,6 +46,7 @@ import shutil
 import sys
 import time
 import traceback
+import warnings
 from collections import defaultdict
 from dataclasses import fields
 from pathlib import Path
@@ -429,6 +430,8 @@ def collect_alpha_beta(out: Path, docs: Path | None) -> None:
 
 
 def main(argv=None) -> int:
+    # peft reads transformers' renamed `is_gradient_checkpointing` (as in pytest's filter and nca_kit.train)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "grid")
     parser.add_argument("--methods", nargs="+", default=list(HEADLINE))
@@ -469,7 +472,11 @@ def main(argv=None) -> int:
         print(f"{len(runs)} runs into {out}: " + ", ".join(names), flush=True)
         started = time.time()
         log = []
-        for spec, name in zip(runs, names):
+        for i, (spec, name) in enumerate(zip(runs, names), start=1):
+            timed = [r["seconds"] for r in log if r["seconds"] > 0]  # runs done here, not skipped as finished
+            eta = (f"; about {sum(timed) / len(timed) * (len(runs) - i + 1) / 60:.0f} min left at "
+                   f"{sum(timed) / len(timed):.0f} s a run") if timed else ""
+            print(f"[{i}/{len(runs)}] {name} started at {time.time() - started:.0f} s{eta}", flush=True)
             ok, seconds = execute(spec, robustness.cell_dir(out, spec) if alpha_beta else out)
             log.append({"run": name, "ok": ok, "seconds": round(seconds, 1)})
             if not ok:

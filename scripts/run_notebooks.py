@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Execute the course notebooks with papermill.
 
-    python scripts/run_notebooks.py                      # every CPU course notebook, full size, into runs/
-    python scripts/run_notebooks.py 01 02 --smoke        # pick notebooks by number, name or glob; small sizes
+    python scripts/run_notebooks.py                      # every CPU course notebook, full size, into runs/full/
+    python scripts/run_notebooks.py 01 02 --smoke        # pick notebooks by number, name or glob; small sizes, runs/smoke/
     python scripts/run_notebooks.py 02 -p ALPHA 0.1      # papermill parameters, passed to every notebook
     python scripts/run_notebooks.py --store 01           # re-execute in full size and store the outputs in place
 
@@ -11,9 +11,15 @@ The course notebooks are ``notebooks/[0-9]*.ipynb``. A notebook whose metadata h
 ``SCALE`` parameter run with ``-p SCALE paper`` (notebooks 30-32 at the paper's 7B scale).
 
 Each executed copy is written to ``<out>/<name>.ipynb``; the notebooks save their figures into the folder named by
-the environment variable ``NCA_KIT_OUT``, which is set to ``<out>`` (default ``runs/``). ``--smoke`` sets
-``NCA_KIT_SMOKE=1``, the switch every course notebook reads in its third cell. The exit status is non-zero if any
-notebook fails.
+the environment variable ``NCA_KIT_OUT``, which is set to ``<out>``. The default ``<out>`` is ``runs/full/``, or
+``runs/smoke/`` with ``--smoke`` (``make lab`` uses ``runs/lab/``), so the three never share a run folder.
+``--smoke`` sets ``NCA_KIT_SMOKE=1``, the switch every course notebook reads in its third cell. A ``-p NAME`` that no
+selected notebook declares in its parameters cell is refused before anything runs; one that some declare is passed
+to those only. Each notebook prints one
+progress line when it starts (its place in the selection, the elapsed time, an estimate of the time left from the
+last run's timings in ``<out>/timings.json``) and one when it ends; a summary at the end gives the time per notebook
+and the figures each wrote. The kernels' own log lines (transport warnings, the shutdown interrupt) go to
+``<out>/logs/<name>.kernel.log``, not the terminal. The exit status is non-zero if any notebook fails.
 
 ``--store`` is how the committed notebooks get their outputs: each is executed top to bottom in full size with
 nbclient (no parameters, no timing metadata) and written back in place, so that the stored outputs are the
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import ast
 import fnmatch
+import json
 import os
 import sys
 import time
@@ -33,6 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 COURSE_GLOB = "[0-9]*.ipynb"
+RUNS = REPO / "runs"  # runs/full (default), runs/smoke (--smoke), runs/lab (make lab)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -120,6 +128,20 @@ def resolve(patterns: list[str], directory: Path = NOTEBOOKS) -> list[Path]:
     return chosen
 
 
+def default_out(smoke: bool) -> Path:
+    """``runs/smoke`` or ``runs/full``: smoke and full runs never share a folder (results, run records, figures)."""
+    return RUNS / ("smoke" if smoke else "full")
+
+
+def undeclared_parameters(notebooks: list[Path], names) -> list[str]:
+    """Names of ``names`` that no notebook of ``notebooks`` declares, each with the names they do declare (a
+    misspelt ``-p APLHA 0.5`` would otherwise run the defaults). A name some of them declare goes to those only."""
+    declared = set().union(*(notebook_parameters(nb) for nb in notebooks)) if notebooks else set()
+    which = ", ".join(nb.stem for nb in notebooks)
+    return [f"{name} is not a parameter of {which} (declared: {', '.join(sorted(declared)) or 'none'})"
+            for name in names if name not in declared]
+
+
 def parse_value(text: str):
     """A ``-p`` value as papermill's command line reads it: a Python literal if it is one, else the string."""
     try:
@@ -144,14 +166,32 @@ def _kernel_env(out: Path, smoke: bool | None) -> None:
     os.environ.pop("MPLBACKEND", None)
 
 
+def _quiet_kernel_manager(log: Path):
+    """A kernel manager whose kernel writes its own log lines (stderr: "running over TCP without encryption", the
+    "KeyboardInterrupt caught in kernel" of a shutdown) to ``log`` instead of the terminal."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class QuietKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "ab") as stderr:  # the child keeps its own descriptor
+                kw.setdefault("stderr", stderr)
+                await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return QuietKernelManager
+
+
 def run(path: Path, out: Path, parameters: dict, kernel: str | None, timeout: int) -> Path:
     """Execute ``path`` with papermill into ``out/<name>.ipynb`` (cwd: the notebook's folder)."""
     import papermill
 
     target = out / path.name
+    log = out / "logs" / f"{path.stem}.kernel.log"
+    log.unlink(missing_ok=True)
     papermill.execute_notebook(
         str(path), str(target), parameters=parameters, kernel_name=kernel, cwd=str(path.parent),
         progress_bar=False, log_output=False, execution_timeout=timeout,
+        kernel_manager_class=_quiet_kernel_manager(log),
     )
     return target
 
@@ -188,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("notebooks", nargs="*", help="numbers (01), names, globs or paths; default: all")
-    parser.add_argument("-o", "--out", "--output-dir", dest="out", default=str(REPO / "runs"),
-                        help="folder for executed notebooks and figures (default: runs/)")
+    parser.add_argument("-o", "--out", "--output-dir", dest="out", default=None,
+                        help="folder for executed notebooks and figures (default: runs/full, or runs/smoke)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="papermill parameter for every notebook (repeatable)")
     parser.add_argument("--smoke", action="store_true", help="small sizes: sets NCA_KIT_SMOKE=1")
@@ -205,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--store keeps the defaults of the parameters cell: drop -p and --smoke")
     selected = resolve(args.notebooks, Path(args.notebooks_dir))
     parameters = {name: parse_value(value) for name, value in args.parameter}
+    problems = undeclared_parameters(selected, parameters)
+    if problems:
+        parser.error("; ".join(problems))
     gpu_only = [nb for nb in selected if requires_gpu(nb, parameters)]
     skipped = gpu_only if gpu_only and not cuda_available() else []
     todo = [nb for nb in selected if nb not in skipped]
@@ -216,31 +259,55 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run   {nb.stem}")
         return 0
 
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_out(args.smoke)
     out.mkdir(parents=True, exist_ok=True)
     _kernel_env(out, smoke=True if args.smoke else (False if args.store else None))
+    timings_file = out / "timings.json"
+    try:
+        previous = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    except ValueError:
+        previous = {}
     started = time.time()
-    failed, written = [], []
-    for nb in todo:
+    failed, written, rows = [], [], []
+    for i, nb in enumerate(todo, start=1):
         t0 = time.time()
+        left = [previous.get(n.stem) for n in todo[i - 1:]]
+        eta = f", about {sum(left) / 60:.0f} min left by the last run's times" if all(left) else ""
+        print(f"[{i}/{len(todo)}] {nb.stem} started at {t0 - started:.0f} s{eta}", flush=True)
         try:
             if args.store:
                 store(nb, args.kernel, args.timeout)
                 written.append(nb)
             else:
-                written.append(run(nb, out, parameters, args.kernel, args.timeout))
+                declared = notebook_parameters(nb)
+                own = {name: value for name, value in parameters.items() if name in declared}
+                written.append(run(nb, out, own, args.kernel, args.timeout))
         except Exception as error:  # report every notebook, fail at the end
             failed.append(nb)
-            print(f"FAIL  {nb.stem} ({time.time() - t0:.1f} s): {_describe(error)}")
+            print(f"FAIL  {nb.stem} ({time.time() - t0:.1f} s): {_describe(error)}", flush=True)
             if not args.store and (out / nb.name).exists():
                 print(f"      executed copy with the error: {out / nb.name}")
+            rows.append((nb.stem, time.time() - t0, "FAIL", []))
             continue
-        print(f"ok    {nb.stem} ({time.time() - t0:.1f} s)")
+        seconds = time.time() - t0
+        figures = sorted(p.name for p in out.glob("*.png") if p.stat().st_mtime >= t0 - 1)
+        rows.append((nb.stem, seconds, "ok", figures))
+        print(f"ok    {nb.stem} ({seconds:.1f} s)", flush=True)
+        if not parameters and not args.store:
+            previous[nb.stem] = round(seconds, 1)
+            timings_file.write_text(json.dumps(previous, indent=1, sort_keys=True) + "\n")
 
-    figures = sorted(p for p in out.glob("*.png") if p.stat().st_mtime >= started - 1)
-    print(f"{len(todo) - len(failed)}/{len(todo)} notebooks ran in {time.time() - started:.1f} s")
+    total = time.time() - started
+    print(f"\n{len(todo) - len(failed)}/{len(todo)} notebooks ran in {total:.1f} s ({total / 60:.1f} min)")
+    if rows:
+        width = max(len(r[0]) for r in rows)
+        print(f"{'notebook':{width}s}  {'time':>8s}  result  figures")
+        for name, seconds, result, figures in rows:
+            print(f"{name:{width}s}  {seconds:7.1f}s  {result:6s}  {', '.join(figures) or '-'}")
     if written:
-        print(("stored in place: " if args.store else "executed notebooks: ") + ", ".join(map(str, written)))
+        print(("stored in place: " if args.store else "executed notebooks in: ")
+              + (", ".join(map(str, written)) if args.store else f"{out}/"))
+    figures = sorted(p for p in out.glob("*.png") if p.stat().st_mtime >= started - 1)
     if figures:
         print(f"figures ({len(figures)}) in {out}/: " + ", ".join(p.name for p in figures))
     return 1 if failed else 0

@@ -27,6 +27,7 @@ def test_cli_trains_and_writes_adapter_metrics_config_figure(tmp_path):
                "--loss_type=infonca")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "trained 2 steps on 12 prompts" in proc.stdout
+    assert "is_gradient_checkpointing" not in proc.stderr, "a library FutureWarning the user cannot act on"
     for name in ("adapter_model.safetensors", "adapter_config.json", "metrics.jsonl", "config.yaml", "trends.png"):
         assert (out / name).is_file(), name
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -95,7 +95,7 @@ def course_dir(tmp_path) -> Path:
               "OUT = pathlib.Path(os.environ['NCA_KIT_OUT'])",
               "assert SMOKE\n(OUT / '01_ok.png').write_bytes(b'png')\nprint(f'X = {X}')")
     _notebook(folder / "02_gpu.ipynb", "SMOKE = False", "import torch\nassert torch.cuda.is_available()", gpu=True)
-    _notebook(folder / "03_fails.ipynb", "SMOKE = False", "raise RuntimeError('this notebook fails on purpose')")
+    _notebook(folder / "03_fails.ipynb", "SMOKE = False\nX = 0", "raise RuntimeError('this notebook fails on purpose')")
     _notebook(folder / "scratch.ipynb", "SMOKE = False")
     return folder
 
@@ -160,6 +160,25 @@ def test_runner_executes_passes_parameters_and_reports_failure(course_dir, tmp_p
     assert "X = 7" in printed
     assert (out / "01_ok.png").exists() and "01_ok.png" in result.stdout
     assert (out / "03_fails.ipynb").exists(), "the executed copy with the error is kept for inspection"
+    assert "[1/2] 01_ok started" in result.stdout and "[2/2] 03_fails started" in result.stdout
+    summary = result.stdout.split("1/2 notebooks ran")[1]
+    assert "01_ok" in summary and "01_ok.png" in summary and "FAIL" in summary, "a summary: time, result, figures"
+    log = result.stdout + result.stderr
+    assert "IPKernelApp" not in log and "KeyboardInterrupt" not in log, "kernel log lines go to the log file"
+    assert (out / "logs" / "01_ok.kernel.log").exists()
+
+
+def test_runner_refuses_a_parameter_a_notebook_does_not_declare(course_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        runner.main(["--notebooks-dir", str(course_dir), "--list", "01", "-p", "APLHA", "0.5"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "APLHA is not a parameter of 01_ok (declared: SMOKE, X)" in err
+    assert runner.main(["--notebooks-dir", str(course_dir), "--list", "01", "-p", "X", "2"]) == 0
+
+
+def test_runner_keeps_smoke_and_full_runs_apart():
+    assert runner.default_out(True) == REPO / "runs" / "smoke" and runner.default_out(False) == REPO / "runs" / "full"
 
 
 def test_runner_skips_paper_scale_without_cuda(course_dir, capsys):
