@@ -11,7 +11,10 @@ Three numbers per model, all on the same held-out prompts, and one read from tra
   model; or an explicit ``reference_model``). Two caveats, both shared by every run so comparisons stay fair:
   the samples are drawn at temperature ``T`` (0.8), so the estimate is that of ``E_{pi_T}[log pi − log mu]``, the
   exact KL only at ``T = 1``; and each response is scored as the trainer scores it (its text re-tokenized and
-  followed by the end-of-turn token), also when sampling cut it off.
+  followed by the end-of-turn token), also when sampling cut it off. A KL is never negative, but this estimate
+  can be: each term ``log pi − log mu`` of one sample may have either sign, and with one sample per prompt (and
+  samples at ``T`` < 1) their mean can fall below 0 when the policy is close to the reference. A small negative
+  value reads "indistinguishable from 0 at this sample size", not a negative divergence.
 * **likelihood of the best and worst response during training** — :func:`likelihood_trends` reads
   ``logps/chosen_delta`` and ``logps/rejected_delta`` (``log pi_theta(y|x) − log mu(y|x)`` of the highest- and
   lowest-reward training response, per step) from the trainer's ``metrics.jsonl``: the paper's Fig. 5.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.colors import ListedColormap
 from matplotlib.ticker import MaxNLocator
 
 
@@ -324,20 +325,32 @@ def plot_heatmaps(panels: dict, *, title: str, xlabel: str, ylabel: str, colorba
     widths = [max(np.asarray(v).shape[1], 1) for v, *_ in panels.values()]
     fig, axes = plt.subplots(1, len(panels), figsize=(1.3 * sum(widths) + 2.5, 3.8), squeeze=False,
                              gridspec_kw={"width_ratios": widths})
+    # Colour only differences the printed numbers show: cells equal at 3 decimals share one neutral colour and the
+    # figure has no colour scale (a scale stretched over float noise would invent differences).
+    shown = np.concatenate([np.round(np.asarray(v, float), 3).ravel() for v, *_ in panels.values()])
+    shown = shown[np.isfinite(shown)]
+    flat = shown.size == 0 or shown.min() == shown.max()
     image = None
     for ax, (name, (values, xticks, yticks, counts)) in zip(axes[0], panels.items()):
         values = np.asarray(values, float)
-        image = ax.imshow(values, cmap="viridis", vmin=vmin, vmax=vmax, origin="lower", aspect="auto")
+        if flat:
+            ax.imshow(np.where(np.isfinite(values), 0.0, np.nan), cmap=ListedColormap(["#e6e6e6"]), vmin=0, vmax=1,
+                      origin="lower", aspect="auto")
+        else:
+            image = ax.imshow(values, cmap="viridis", vmin=vmin, vmax=vmax, origin="lower", aspect="auto")
         for (i, j), v in np.ndenumerate(values):
             if np.isfinite(v):
                 text = fmt(v, 3) + (f"\n({int(counts[i][j])})" if counts is not None else "")
-                ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                        color="white" if vmax is None or v < (vmin + vmax) / 2 else "black")
+                dark = not flat and (vmax is None or v < (vmin + vmax) / 2)
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
         ax.set_xticks(range(values.shape[1]), xticks)
         ax.set_yticks(range(values.shape[0]), yticks)
         ax.set(title=name, xlabel=xlabel)
     axes[0][0].set_ylabel(ylabel)
-    fig.colorbar(image, ax=list(axes[0]), label=colorbar)
+    if flat:
+        title = f"{title}\n(every cell is {fmt(shown[0], 3) if shown.size else 'empty'} to 3 decimals: no colour scale)"
+    else:
+        fig.colorbar(image, ax=list(axes[0]), label=colorbar)
     fig.suptitle(titled(title, settings))
     return save(fig, path)
 

@@ -51,3 +51,34 @@ def test_settings_are_named_under_the_title_and_optional():
 @pytest.mark.parametrize("x, digits, text", [(0.12345, 4, "0.1235"), (-1e-12, 4, "0.0000"), (-0.5, 2, "-0.50")])
 def test_fmt_never_prints_negative_zero(x, digits, text):
     assert plots.fmt(x, digits) == text
+
+
+def _heatmap(values):
+    panel = (np.asarray(values), ["0.01", "0.1"], ["0.1"], None)
+    return plots.plot_heatmaps({"nca": panel}, title="t", xlabel="α", ylabel="β", colorbar="gain",
+                               vmin=float(np.min(values)), vmax=float(np.max(values)))
+
+
+def test_heatmap_does_not_colour_differences_the_printed_numbers_do_not_show():
+    flat = _heatmap([[2e-5, -3e-5]])  # both print as 0.000
+    (ax,) = flat.axes  # no colour-bar axes
+    rgba = ax.images[0].to_rgba(ax.images[0].get_array())
+    assert np.allclose(rgba[0, 0], rgba[0, 1]), "one neutral colour"
+    assert "no colour scale" in flat._suptitle.get_text()
+    varied = _heatmap([[0.1, 0.3]])
+    assert len(varied.axes) == 2, "a colour bar where the numbers differ"
+    image = varied.axes[0].images[0]
+    rgba = image.to_rgba(image.get_array())
+    assert not np.allclose(rgba[0, 0], rgba[0, 1])
+
+
+def test_embedding_study_panels_name_their_axes_and_error_bars():
+    from nca_kit.rewards.embedding import plot_study
+
+    df = pd.DataFrame([{"head": h, "noise": n, "seed": s, "accuracy": 0.6 + 0.01 * s, "bon_picked": 5.0,
+                        "bon_oracle": 8.0, "bon_random": 4.0} for h in ("bt_mlp", "clf_mlp") for n in (0.0, 0.2)
+                       for s in (0, 1, 2)])
+    fig = plot_study(df, title="study", metrics=("accuracy", "bon_picked"))
+    assert all(ax.get_ylabel() for ax in fig.axes)
+    assert "3 seeds" in fig._suptitle.get_text() and "1 std" in fig._suptitle.get_text()
+    assert "chance (0.5)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]

@@ -276,3 +276,19 @@ def test_hh_pairs_are_prefixes_of_one_seeded_order():
     small, large, every = flr.hh_pairs(2, seed=3, path=path), flr.hh_pairs(10**6, seed=3, path=path), \
         flr.hh_pairs(None, seed=3, path=path)
     assert small["chosen"] == large["chosen"][:2] and large["chosen"] == every["chosen"]
+
+
+def test_pair_accuracy_figure_names_the_band_and_the_chance_line():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+
+    table = pd.DataFrame([
+        {"scorer": "Direct", "category": "-", "accuracy": 0.55, "low": 0.4, "high": 0.7, "n": 16},
+        {"scorer": "FLR (paper)", "category": "all", "accuracy": 0.6, "low": 0.45, "high": 0.75, "n": 16},
+        {"scorer": "FLR (code)", "category": "all", "accuracy": 0.5, "low": 0.35, "high": 0.65, "n": 16},
+    ])
+    ax = flr.plot_pair_accuracy(table)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "Direct's 95 % interval" in labels and "chance (0.5)" in labels

@@ -960,12 +960,24 @@ def study_table(df, metric: str = "accuracy"):
     return cells.unstack("noise")
 
 
+_METRIC_AXES = {
+    "accuracy": "pairwise accuracy (0.5 = chance)",
+    "spearman": "Spearman ρ with the golden reward",
+    "spearman_per_prompt": "Spearman ρ per prompt",
+    "order_consistency": "order consistency",
+    "bon_picked": "golden reward of the pick",
+    "bon_gain": "Best-of-N gain over a random pick",
+}
+
+
 def plot_study(df, *, title: str, metrics: Sequence[str] = ("accuracy", "spearman", "bon_picked"),
                xlabel: str = "label-flip rate", path=None):
-    """One panel per metric against the noise level, a line per head, error bars one std over seeds. The Best-of-N
-    panel also shows the random and the oracle pick."""
+    """One panel per metric against the noise level, a line per head, error bars one std over seeds (none with one
+    seed; the figure says which). The Best-of-N panel also shows the random and the oracle pick, the accuracy panel
+    chance (0.5)."""
     from nca_kit.plots import plt, save
 
+    n_seeds = int(df.groupby(["head", "noise"]).size().max()) if len(df) else 0
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.3 * len(metrics), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for head, part in df.groupby("head", sort=False):
@@ -976,9 +988,11 @@ def plot_study(df, *, title: str, metrics: Sequence[str] = ("accuracy", "spearma
             ax.axhline(df["bon_oracle"].mean(), color="black", linestyle="--", linewidth=1, label="oracle pick")
             ax.axhline(df["bon_random"].mean(), color="grey", linestyle=":", linewidth=1, label="random pick")
         if metric == "accuracy":
-            ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-        ax.set(title=METRIC_NAMES.get(metric, metric), xlabel=xlabel)
-    axes[0][-1].legend(fontsize=8)
-    fig.suptitle(title)
+            ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance (0.5)")
+        ax.set(title=METRIC_NAMES.get(metric, metric), xlabel=xlabel, ylabel=_METRIC_AXES.get(metric, metric))
+        ax.legend(fontsize=7)
+    bars = (f"mean over {n_seeds} seeds, error bars ± 1 std over seeds" if n_seeds > 1
+            else "one seed: no error bars")
+    fig.suptitle(f"{title}\n({bars}; held-out prompts)", fontsize=10)
     fig.tight_layout()
     return save(fig, path)

@@ -1057,7 +1057,8 @@ def evaluate_k_responses(model, tokenizer, dataset, *, followups="arithmetic", g
 
 
 def plot_pair_accuracy(table, ax=None, title: str = "Pairwise accuracy"):
-    """Bars of accuracy (with 95 % intervals) by category, one colour per FLR variant, Direct as a dashed line."""
+    """Bars of accuracy (with 95 % intervals) by category, one colour per FLR variant, Direct as a dashed line with its
+    interval as a grey band, chance as a grey line; every mark is in the legend."""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -1073,8 +1074,8 @@ def plot_pair_accuracy(table, ax=None, title: str = "Pairwise accuracy"):
         ax.bar(x + (i - (len(variants) - 1) / 2) * width, rows.accuracy, width, yerr=err, capsize=2, label=variant)
     direct = table[table.scorer == "Direct"].iloc[0]
     ax.axhline(direct.accuracy, color="k", ls="--", lw=1, label=f"Direct ({direct.accuracy:.3f})")
-    ax.axhspan(direct.low, direct.high, color="k", alpha=0.08)
-    ax.axhline(0.5, color="grey", lw=0.8)
+    ax.axhspan(direct.low, direct.high, color="k", alpha=0.08, label="Direct's 95 % interval")
+    ax.axhline(0.5, color="grey", lw=0.8, label="chance (0.5)")
     ax.set_xticks(x, [c.replace("_", "\n") for c in categories], fontsize=8)
     ax.set_ylabel("accuracy")
     ax.set_title(f"{title} (n = {int(direct.n)} pairs, 95 % Wilson intervals)")
