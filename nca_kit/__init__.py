@@ -7,8 +7,8 @@ class _DropOptionalCpuKernelNotice(_logging.Filter):
     """Drop bitsandbytes' notice that its optional CPU 4-bit kernel could not be fetched from the hub.
 
     bitsandbytes logs it at import (``peft`` imports bitsandbytes) on CPUs with AVX512-BF16 when the ``kernels``
-    package or the hub is missing. The kit runs 4-bit models on CUDA only, so the notice is noise on every CLI
-    call; every other bitsandbytes message passes.
+    package or the hub is missing. bitsandbytes' own CPU path runs 4-bit models without that kernel, so the notice is
+    noise on every CLI call; every other bitsandbytes message passes.
     """
 
     def filter(self, record: _logging.LogRecord) -> bool:

