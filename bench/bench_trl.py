@@ -12,11 +12,25 @@ Same tokens: TRL tokenizes the pairs (prompt = the chat-template text, completio
 on TRL's ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``; only pairs that fit ``--max-length`` untruncated are
 kept, so neither side's truncation rule matters.
 
-Each run is a fresh subprocess (its peak RSS is the run's); runs alternate kit, TRL, kit, TRL, ... ``--repeats``
-times per loss. Examples/s counts the steps after the first (timed between ``on_step_end`` events), and the losses
-of the first steps are compared.
+Four trainers per loss (``--modes``):
 
-    python bench/bench_trl.py                      # nca, dpo, ipo; 3 alternating repeats each (~15 min, 2 CPUs)
+* ``kit``: the kit with its default layout (``TrainConfig.logps_forward``, ``auto``: per batch padded / packed / tree);
+* ``kit_padded``: the kit with the padded layout, the only layout TRL 1.16 has (its ``padding_free`` is disabled);
+* ``trl``: TRL as shipped. Its fused log-prob head (``trl.trainer.utils``) scores only the completion positions when
+  ``trl.kernels.chunked_logprob._use_triton(device)`` is true, which is on CUDA/XPU with Triton installed; on the CPU
+  it projects *every* position of the padded batch (prompt and padding too) through the vocabulary and computes the
+  per-token metrics there. This is TRL's CPU fallback path;
+* ``trl_gpu``: TRL with that one decision patched to its GPU behaviour (``trl.trainer.utils._use_triton`` returns
+  True, so ``compact`` holds and only completion positions are scored). The kernel that folds the vocabulary tiles
+  stays the torch one (``chunked_logprob`` keeps its own ``_use_triton``), so the arithmetic is the GPU path's, done
+  by torch. **This is the mode a GPU user gets**; ``trl`` is what a CPU user gets.
+
+Each run is a fresh subprocess (its peak RSS is the run's); within each repeat the modes run one after another in
+an order rotated per repeat, so every ratio compares runs made side by side under the same machine load.
+Examples/s counts the steps after the first (timed between ``on_step_end`` events), and the losses of the first steps
+are compared.
+
+    python bench/bench_trl.py                      # nca, dpo, ipo; 3 rotated repeats of 4 modes each
     python bench/bench_trl.py --losses nca --repeats 3 --json runs/trl.json
 
 TRL is an optional dependency (the ``bench`` extra).
@@ -38,6 +52,19 @@ import torch
 from transformers import TrainerCallback
 
 TRL_LOSS = {"nca": "nca_pair", "dpo": "sigmoid", "ipo": "ipo"}
+MODES = ("kit", "kit_padded", "trl", "trl_gpu")
+
+
+def use_trl_gpu_head() -> None:
+    """TRL's fused head decides per call whether to score only the completion positions (``compact``) by
+    ``_use_triton(device)``, true on CUDA/XPU only; make that decision as on a GPU. Only the name bound in
+    ``trl.trainer.utils`` is replaced, so the tile kernel choice inside ``trl.kernels.chunked_logprob`` is unchanged."""
+    import trl.trainer.utils as trl_utils
+
+    if not hasattr(trl_utils, "_use_triton"):
+        raise RuntimeError("this TRL version has no trl.trainer.utils._use_triton; the GPU-equivalent mode needs "
+                           "updating for it")
+    trl_utils._use_triton = lambda device: True
 
 
 def tiny_llama(vocab_size: int, seed: int = 0):
@@ -94,6 +121,9 @@ def worker(which: str, loss: str, args) -> dict:
     from bench_layouts import smollm2_tokenizer
 
     torch.set_num_threads(args.threads)
+    trl_side = which.startswith("trl")
+    if which == "trl_gpu":
+        use_trl_gpu_head()
     tokenizer = smollm2_tokenizer()
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     pairs = hh_pairs(tokenizer, args.pairs, args.max_length)
@@ -104,10 +134,10 @@ def worker(which: str, loss: str, args) -> dict:
                   # explicit for both sides: DPOConfig's own defaults are bf16=True and gradient_checkpointing=True
                   bf16=False, gradient_checkpointing=False)
     dpo_args = DPOConfig(**common, beta=0.1, loss_type=[TRL_LOSS[loss]], max_length=args.max_length,
-                         precompute_ref_log_probs=(which == "trl"))
+                         precompute_ref_log_probs=trl_side)
     clock = StepClock()
     trl = DPOTrainer(model=model, args=dpo_args, train_dataset=pairs, processing_class=tokenizer, callbacks=[clock])
-    if which == "trl":
+    if trl_side:
         trainer = trl
     else:
         from transformers import TrainingArguments
@@ -124,7 +154,8 @@ def worker(which: str, loss: str, args) -> dict:
         kit_args = TrainingArguments(**common, remove_unused_columns=False, train_sampling_strategy="random")
         trainer = NCATrainer(model=model, args=kit_args, data_collator=RewardCollator(tokenizer.pad_token_id),
                              train_dataset=records, callbacks=[clock], loss_type=loss, beta=0.1, pairwise=True,
-                             average_logps=(loss == "ipo"), logps_forward=args.kit_forward or TrainConfig.logps_forward)
+                             average_logps=(loss == "ipo"),
+                             logps_forward="padded" if which == "kit_padded" else TrainConfig.logps_forward)
         trainer.train_dataset = trainer.precompute_reference_logps(records)
     start = time.perf_counter()
     trainer.train()
@@ -139,13 +170,13 @@ def worker(which: str, loss: str, args) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--losses", nargs="+", default=["nca", "dpo", "ipo"], choices=sorted(TRL_LOSS))
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per trainer and loss")
+    parser.add_argument("--repeats", type=int, default=3, help="rotated runs per mode and loss")
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=384)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--kit-forward", default=None, help="kit log-prob layout (default: TrainConfig's)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--worker", nargs=2, metavar=("WHICH", "LOSS"), help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -156,34 +187,40 @@ def main(argv=None) -> dict:
 
     passthrough = [f"--pairs={args.pairs}", f"--batch={args.batch}", f"--steps={args.steps}",
                    f"--max-length={args.max_length}", f"--threads={args.threads}"]
-    if args.kit_forward:
-        passthrough.append(f"--kit-forward={args.kit_forward}")
     runs: dict = {}
+    modes = list(args.modes)
     for loss in args.losses:
         for rep in range(args.repeats):
-            for which in ("kit", "trl") if rep % 2 == 0 else ("trl", "kit"):
+            shift = rep % len(modes)
+            for which in modes[shift:] + modes[:shift]:  # rotated per repeat: no mode always runs first
                 out = subprocess.run([sys.executable, __file__, "--worker", which, loss, *passthrough],
                                      capture_output=True, text=True)
                 if out.returncode:
                     sys.exit(f"{which}/{loss} failed:\n{out.stderr[-3000:]}")
                 run = json.loads(out.stdout.strip().splitlines()[-1])
                 runs.setdefault(loss, {}).setdefault(which, []).append(run)
-                print(f"{loss:4s} {which:4s} run {rep + 1}: {run['examples_per_s']:.2f} examples/s, "
+                print(f"{loss:4s} {which:10s} run {rep + 1}: {run['examples_per_s']:.2f} examples/s, "
                       f"peak RSS {run['peak_rss_gib']:.2f} GiB, first losses "
                       f"{', '.join(f'{x:.6f}' for x in run['losses'][:3])}", flush=True)
-    print("\n| loss (TRL name) | kit / TRL examples/s (min / median) | kit / TRL peak RSS (median) | "
+    pairs = [(k, t) for k in ("kit", "kit_padded") for t in ("trl_gpu", "trl") if k in modes and t in modes]
+    print("\n| loss (TRL name) | kit mode / TRL mode | examples/s ratio (min / median) | peak RSS ratio (median) | "
           "max |loss diff|, first 3 steps |")
-    print("|---|---|---|---|")
-    summary = {}
+    print("|---|---|---|---|---|")
+    summary: dict = {}
     for loss, by in runs.items():
-        speed = [k["examples_per_s"] / t["examples_per_s"] for k, t in zip(by["kit"], by["trl"])]
-        rss = statistics.median(k["peak_rss_gib"] for k in by["kit"]) / statistics.median(
-            t["peak_rss_gib"] for t in by["trl"])
-        diff = max(abs(a - b) for k, t in zip(by["kit"], by["trl"]) for a, b in zip(k["losses"][:3], t["losses"][:3]))
-        summary[loss] = {"speed_ratio_min": min(speed), "speed_ratio_median": statistics.median(speed),
-                         "rss_ratio": rss, "max_loss_diff_first_3": diff}
-        print(f"| {loss} ({TRL_LOSS[loss]}) | {min(speed):.2f}x / {statistics.median(speed):.2f}x | {rss:.2f}x | "
-              f"{diff:.1e} |", flush=True)
+        for kit_mode, trl_mode in pairs:
+            kit, trl = by[kit_mode], by[trl_mode]
+            speed = [k["examples_per_s"] / t["examples_per_s"] for k, t in zip(kit, trl)]
+            rss = statistics.median(k["peak_rss_gib"] for k in kit) / statistics.median(t["peak_rss_gib"] for t in trl)
+            diff = max(abs(a - b) for k, t in zip(kit, trl) for a, b in zip(k["losses"][:3], t["losses"][:3]))
+            summary.setdefault(loss, {})[f"{kit_mode}/{trl_mode}"] = {
+                "speed_ratio_min": min(speed), "speed_ratio_median": statistics.median(speed), "rss_ratio": rss,
+                "max_loss_diff_first_3": diff}
+            print(f"| {loss} ({TRL_LOSS[loss]}) | {kit_mode} / {trl_mode} | {min(speed):.2f}x / "
+                  f"{statistics.median(speed):.2f}x | {rss:.2f}x | {diff:.1e} |", flush=True)
+        summary[loss]["examples_per_s_median"] = {m: statistics.median(r["examples_per_s"] for r in by[m])
+                                                  for m in modes}
+    print("\ntrl_gpu is what a GPU user of TRL gets (completion positions only); trl is TRL's CPU fallback.")
     result = {"args": {k: v for k, v in vars(args).items() if k not in ("json", "worker")}, "runs": runs,
               "summary": summary}
     if args.json:

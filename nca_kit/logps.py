@@ -283,6 +283,77 @@ def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+HEAD_CHUNK_ELEMENTS = 2**24  # logits per chunk of the chunked head: 64 MiB in fp32 (512 positions at V = 32k)
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """``log softmax(head(states))[targets]`` ``(M,)`` computed ``chunk`` positions at a time.
+
+    Forward keeps no logits: it saves the inputs only. Backward recomputes each chunk's logits under autograd and
+    back-propagates that chunk alone, so at most one chunk of ``(chunk, V)`` logits (and their gradient) is alive at
+    any moment. ``head`` is any module (an ``nn.Linear``, a LoRA-wrapped one, a tied embedding); its trainable
+    parameters are passed through ``apply`` so autograd delivers their gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, states, targets, head_fn, chunk, *params):
+        ctx.head_fn, ctx.chunk = head_fn, chunk
+        ctx.save_for_backward(states, targets, *params)
+        out = torch.empty(states.shape[0], dtype=torch.float32, device=states.device)  # (M,)
+        with torch.no_grad():
+            for start in range(0, states.shape[0], chunk):
+                stop = start + chunk
+                out[start:stop] = _token_logps(head_fn(states[start:stop]), targets[start:stop])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        states, targets, *params = ctx.saved_tensors
+        want_states = ctx.needs_input_grad[0]
+        want = [p for p, need in zip(params, ctx.needs_input_grad[4:]) if need]
+        grad_states = torch.zeros_like(states) if want_states else None
+        grad_params = [torch.zeros_like(p) for p in want]
+        for start in range(0, states.shape[0], ctx.chunk):
+            stop = start + ctx.chunk
+            with torch.enable_grad():
+                piece = states[start:stop].detach().requires_grad_(want_states)
+                logps = _token_logps(ctx.head_fn(piece), targets[start:stop])  # (chunk,)
+                inputs = ([piece] if want_states else []) + want
+                grads = torch.autograd.grad(logps, inputs, grad_out[start:stop], allow_unused=True)
+            if want_states:
+                grad_states[start:stop] = grads[0]
+                grads = grads[1:]
+            for acc, g in zip(grad_params, grads):
+                if g is not None:
+                    acc += g
+        it = iter(grad_params)
+        return (grad_states, None, None, None, *(next(it) if need else None for need in ctx.needs_input_grad[4:]))
+
+
+def head_token_logps(model, states: torch.Tensor, targets: torch.Tensor, *,
+                     chunk: int | None = None) -> torch.Tensor:
+    """``log softmax(lm_head(states))[targets]`` in float32 ``(M,)`` from final hidden states ``(M, H)``, chunked.
+
+    Never holds the ``(M, V)`` logits: ``chunk`` positions at a time (default: ``HEAD_CHUNK_ELEMENTS // V``, 64 MiB of
+    fp32 logits per chunk), with a backward that recomputes each chunk (:class:`_ChunkedTokenLogps`). Equal to
+    applying the output layer to all ``M`` states at once, in values and gradients (up to float rounding).
+    """
+    head = _output_layer(model)
+
+    def head_fn(h):
+        return _scale_logits(model, head(h))
+
+    if chunk is None:
+        vocab = getattr(head, "out_features", None) or unwrap_model(model).config.get_text_config().vocab_size
+        chunk = max(1, HEAD_CHUNK_ELEMENTS // int(vocab))
+    if not torch.is_grad_enabled() or states.shape[0] <= chunk:  # no backward, or one chunk: nothing to recompute
+        pieces = [_token_logps(head_fn(states[i:i + chunk]), targets[i:i + chunk])
+                  for i in range(0, states.shape[0], chunk)]
+        return torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
+    params = [p for p in head.parameters() if p.requires_grad]
+    return _ChunkedTokenLogps.apply(states, targets, head_fn, chunk, *params)
+
+
 def sequence_logps(model, batch: dict, *, average: bool = False, selective: bool = True,
                    forward: str = "padded") -> torch.Tensor:
     r"""``log pi(y_i | x)`` for every response of a collated batch, as ``(B, K)`` (0 in padded slots).
@@ -333,8 +404,7 @@ def sequence_logps(model, batch: dict, *, average: bool = False, selective: bool
         else:
             layout = shared_prompt_states if forward == "shared_prompt" else tree_prompt_states
             states = layout(model, input_ids, attention_mask, loss_mask, owner, rows, cols)  # (M, H)
-        logits = _scale_logits(model, _output_layer(model)(states))  # (M, V)
-        token_logps = _token_logps(logits, input_ids[rows, cols + 1])  # (M,)
+        token_logps = head_token_logps(model, states, input_ids[rows, cols + 1])  # (M,), chunked over positions
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, T, V)
         all_logps = _token_logps(logits[:, :-1], input_ids[:, 1:])  # (N, T-1)

@@ -233,3 +233,76 @@ def test_cached_reference_column_equals_per_batch_reference(tok, tokenized):
     batch = collate([cached[i] for i in range(len(cached))])
     fresh = reference_logps(model, {k: v for k, v in batch.items() if k != "reference_logps"})
     torch.testing.assert_close(batch["reference_logps"], fresh, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# chunked output layer
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def one_shot_token_logps(model, states, targets):
+    """Today's head: the output layer on all M states at once, then log-softmax at the targets in float32."""
+    from nca_kit.logps import _output_layer, _scale_logits
+
+    logits = _scale_logits(model, _output_layer(model)(states)).float()  # (M, V)
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("chunk", [1, 4, 7])
+def test_chunked_head_equals_one_shot_values_and_gradients(softcap, chunk):
+    from nca_kit.logps import head_token_logps
+
+    model = tiny_model("llama", seed=0)
+    model.config.final_logit_softcapping = softcap
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    m, h = 23, head.weight.shape[1]
+    states = torch.randn(m, h, generator=g, requires_grad=True)
+    targets = torch.randint(0, head.weight.shape[0], (m,), generator=g)
+    upstream = torch.randn(m, generator=g)
+    grads = []
+    for fn in (lambda: head_token_logps(model, states, targets, chunk=chunk),
+               lambda: one_shot_token_logps(model, states, targets)):
+        states.grad, head.weight.grad = None, None
+        values = fn()
+        (values * upstream).sum().backward()
+        grads.append((values.detach(), states.grad.clone(), head.weight.grad.clone()))
+    (v_chunk, gs_chunk, gw_chunk), (v_full, gs_full, gw_full) = grads
+    assert v_chunk.dtype == torch.float32 and v_chunk.shape == (m,)
+    torch.testing.assert_close(v_chunk, v_full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gs_chunk, gs_full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gw_chunk, gw_full, atol=1e-5, rtol=0)
+    assert gw_full.abs().sum() > 0
+
+
+def test_chunked_head_in_sequence_logps_equals_unchunked_with_lora_head(tok, tokenized, monkeypatch):
+    """A LoRA-adapted output layer (its own trainable parameters) through the whole selective path, chunked into
+    a few positions against one chunk: same log-probs, same gradients of every trainable parameter."""
+    from peft import get_peft_model
+
+    import nca_kit.logps as logps
+
+    settings = LoraSettings(lora_dropout=0.0).to_peft()
+    settings.target_modules = set(settings.target_modules) | {"lm_head"}
+    model = get_peft_model(tiny_model("mistral", seed=2), settings)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    batch = RewardCollator(tok.pad_token_id)([tokenized[i] for i in range(len(tokenized))])
+    vocab = model.get_output_embeddings().weight.shape[0]
+    results = []
+    for elements in (3 * vocab, 10**12):  # three positions per chunk; everything in one chunk
+        monkeypatch.setattr(logps, "HEAD_CHUNK_ELEMENTS", elements)
+        model.zero_grad(set_to_none=True)
+        values = sequence_logps(model, batch)
+        values.sum().backward()
+        results.append((values.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                          if p.requires_grad}))
+    (v_chunk, g_chunk), (v_full, g_full) = results
+    torch.testing.assert_close(v_chunk, v_full, atol=1e-5, rtol=0)
+    assert any("lm_head" in n for n in g_full)
+    for name in g_full:
+        torch.testing.assert_close(g_chunk[name], g_full[name], atol=1e-5, rtol=0)
