@@ -164,6 +164,8 @@ def _kernel_env(out: Path, smoke: bool | None) -> None:
         os.environ["NCA_KIT_SMOKE"] = "1"
     elif smoke is False:
         os.environ.pop("NCA_KIT_SMOKE", None)
+    if smoke is False:  # --store: outputs kept in the repository hold no timings (nca_kit.progress lines)
+        os.environ["NCA_KIT_PROGRESS"] = "0"
     # A backend forced for scripts (e.g. MPLBACKEND=Agg in CI) would stop figures from showing in the notebooks.
     os.environ.pop("MPLBACKEND", None)
 
