@@ -91,7 +91,7 @@ def kl_to_reference(
     (:func:`nca_kit.logps.tokenize_reward_dataset` with the same ``max_prompt_length`` / ``max_length``).
     """
     from datasets import Dataset
-    from tqdm.auto import tqdm
+    from nca_kit.progress import progress as progress_lines
 
     from nca_kit.logps import RewardCollator, reference_logps, sequence_logps, tokenize_reward_dataset, unwrap_model
 
@@ -107,7 +107,8 @@ def kl_to_reference(
     model.eval()
     out: list[list[float]] = []
     try:
-        for start in tqdm(range(0, len(tokenized), batch_size), desc="kl", disable=not progress, unit="batch"):
+        batches = range(0, len(tokenized), batch_size)
+        for start in progress_lines(batches, desc="kl", bar=progress, unit="batch"):
             batch = collator([tokenized[i] for i in range(start, min(start + batch_size, len(tokenized)))])
             batch = {k: v.to(device) for k, v in batch.items()}
             policy = sequence_logps(model, batch)  # (B, K)

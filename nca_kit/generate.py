@@ -255,7 +255,7 @@ def _held_out_row(problem: Problem) -> dict:
 
 def _generate_train(settings, problems, path, model, tokenizer, progress) -> list[dict]:
     """Sample the train split chunk by chunk (``batch_size // k`` prompts each), resuming from the partial file."""
-    from tqdm.auto import tqdm
+    from nca_kit.progress import progress as progress_lines
 
     partial = path.with_suffix(".partial.jsonl")
     done = _read_partial(settings, partial)
@@ -271,7 +271,8 @@ def _generate_train(settings, problems, path, model, tokenizer, progress) -> lis
 
         model, tokenizer = load_model(settings.model_id, device="cpu")
     rows = list(done)
-    bar = tqdm(total=len(chunks), initial=n_done, desc="train", disable=not progress, unit="batch")
+    bar = progress_lines(total=len(chunks), initial=n_done, desc="sampling the train split", bar=progress,
+                         unit="batch")
     for c in range(n_done, len(chunks)):
         new = build_reward_dataset(
             model, tokenizer, chunks[c], k=settings.k, temperature=settings.temperature, top_p=settings.top_p,

@@ -89,10 +89,10 @@ def run_grid(specs, out: str | Path, *, progress: bool = True) -> list[dict]:
     Finished cells are read back, not rerun: an interrupted grid resumes, and a grid run by
     ``scripts/run_grid.py --alphas ... --betas ...`` is collected by calling this with the same specs.
     """
-    from tqdm.auto import tqdm
+    from nca_kit.progress import progress as progress_lines
 
     records = []
-    for spec in tqdm(list(specs), desc="alpha x beta grid", unit="run", disable=not progress):
+    for spec in progress_lines(list(specs), desc="alpha x beta grid", unit="run", bar=progress):
         path = results_path(out, spec)
         if path.exists():
             record = json.loads(path.read_text())

@@ -55,7 +55,7 @@ def sample_responses(
         raise ValueError(f"k, batch_size and max_new_tokens must be >= 1, got {k}, {batch_size}, {max_new_tokens}")
     if not greedy and not temperature > 0:
         raise ValueError(f"temperature must be > 0 for sampling (use greedy=True for greedy), got {temperature}")
-    from tqdm.auto import tqdm
+    from nca_kit.progress import progress as progress_lines
 
     texts = _chat_texts(tokenizer, prompts)
     per_batch = max(1, batch_size // k)  # prompts per batch
@@ -73,7 +73,7 @@ def sample_responses(
     n_batches = math.ceil(len(texts) / per_batch)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for b in tqdm(range(n_batches), desc=desc, disable=not progress, unit="batch"):
+            for b in progress_lines(range(n_batches), desc=desc, bar=progress, unit="batch"):
                 chunk = texts[b * per_batch : (b + 1) * per_batch]
                 enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 ids, mask = enc["input_ids"], enc["attention_mask"]  # (P, T)

@@ -18,8 +18,9 @@ selected notebook declares in its parameters cell is refused before anything run
 to those only. Each notebook prints one
 progress line when it starts (its place in the selection, the elapsed time, an estimate of the time left from the
 last run's timings in ``<out>/timings.json``) and one when it ends; a summary at the end gives the time per notebook
-and the figures each wrote. The kernels' own log lines (transport warnings, the shutdown interrupt) go to
-``<out>/logs/<name>.kernel.log``, not the terminal. The exit status is non-zero if any notebook fails.
+and the figures each wrote, with the kernel's CPU time (user + system; on a busy machine the wall time says more
+about the other jobs than about the notebook). The kernels' own log lines (transport warnings, the shutdown
+interrupt) go to ``<out>/logs/<name>.kernel.log``, not the terminal. The exit status is non-zero if any notebook fails.
 
 ``--store`` is how the committed notebooks get their outputs: each is executed top to bottom in full size with
 nbclient (no parameters, no timing metadata) and written back in place, so that the stored outputs are the
@@ -33,6 +34,7 @@ import ast
 import fnmatch
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -162,6 +164,8 @@ def _kernel_env(out: Path, smoke: bool | None) -> None:
         os.environ["NCA_KIT_SMOKE"] = "1"
     elif smoke is False:
         os.environ.pop("NCA_KIT_SMOKE", None)
+    if smoke is False:  # --store: outputs kept in the repository hold no timings (nca_kit.progress lines)
+        os.environ["NCA_KIT_PROGRESS"] = "0"
     # A backend forced for scripts (e.g. MPLBACKEND=Agg in CI) would stop figures from showing in the notebooks.
     os.environ.pop("MPLBACKEND", None)
 
@@ -213,6 +217,12 @@ def store(path: Path, kernel: str | None, timeout: int) -> None:
     client.execute()
     nb.metadata.get("widgets", {}).clear()
     nbformat.write(nb, str(path))
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children: the notebook kernels."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _describe(error: Exception) -> str:
@@ -270,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     failed, written, rows = [], [], []
     for i, nb in enumerate(todo, start=1):
-        t0 = time.time()
+        t0, cpu0 = time.time(), _children_cpu()
         left = [previous.get(n.stem) for n in todo[i - 1:]]
         eta = f", about {sum(left) / 60:.0f} min left by the last run's times" if all(left) else ""
         print(f"[{i}/{len(todo)}] {nb.stem} started at {t0 - started:.0f} s{eta}", flush=True)
@@ -287,23 +297,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAIL  {nb.stem} ({time.time() - t0:.1f} s): {_describe(error)}", flush=True)
             if not args.store and (out / nb.name).exists():
                 print(f"      executed copy with the error: {out / nb.name}")
-            rows.append((nb.stem, time.time() - t0, "FAIL", []))
+            rows.append((nb.stem, time.time() - t0, _children_cpu() - cpu0, "FAIL", []))
             continue
-        seconds = time.time() - t0
+        seconds, cpu = time.time() - t0, _children_cpu() - cpu0
         figures = sorted(p.name for p in out.glob("*.png") if p.stat().st_mtime >= t0 - 1)
-        rows.append((nb.stem, seconds, "ok", figures))
-        print(f"ok    {nb.stem} ({seconds:.1f} s)", flush=True)
+        rows.append((nb.stem, seconds, cpu, "ok", figures))
+        print(f"ok    {nb.stem} ({seconds:.1f} s, kernel CPU {cpu:.0f} s)", flush=True)
         if not parameters and not args.store:
             previous[nb.stem] = round(seconds, 1)
             timings_file.write_text(json.dumps(previous, indent=1, sort_keys=True) + "\n")
 
     total = time.time() - started
-    print(f"\n{len(todo) - len(failed)}/{len(todo)} notebooks ran in {total:.1f} s ({total / 60:.1f} min)")
+    load = ", load average %.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    print(f"\n{len(todo) - len(failed)}/{len(todo)} notebooks ran in {total:.1f} s ({total / 60:.1f} min; "
+          f"{os.cpu_count()} CPUs{load})")
     if rows:
         width = max(len(r[0]) for r in rows)
-        print(f"{'notebook':{width}s}  {'time':>8s}  result  figures")
-        for name, seconds, result, figures in rows:
-            print(f"{name:{width}s}  {seconds:7.1f}s  {result:6s}  {', '.join(figures) or '-'}")
+        print(f"{'notebook':{width}s}  {'wall':>8s}  {'kernel CPU':>10s}  result  figures")
+        for name, seconds, cpu, result, figures in rows:
+            print(f"{name:{width}s}  {seconds:7.1f}s  {cpu:9.0f}s  {result:6s}  {', '.join(figures) or '-'}")
     if written:
         print(("stored in place: " if args.store else "executed notebooks in: ")
               + (", ".join(map(str, written)) if args.store else f"{out}/"))

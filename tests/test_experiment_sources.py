@@ -195,3 +195,22 @@ def test_an_answer_repeated_within_a_prompt_gets_one_reward(train, tmp_path):
     from nca_kit.data import validate_reward_dataset
 
     validate_reward_dataset(scored.select_columns(["prompt", "responses", "rewards"]))  # the training checks pass
+
+
+def test_embedding_source_gives_a_repeated_answer_one_reward(train, tmp_path, monkeypatch):
+    """Notebook 12's full mode (embedding_bt on the first 48 prompts, some with an answer sampled twice): a real
+    embedder's output drifts a little with the batch a text lands in, so scoring each copy gave one text two
+    rewards and the scorer's own validation stopped on duplicate_response before the experiment layer merged them."""
+
+    def drifting(prompts, responses, *args, **kwargs):
+        return features(prompts, responses) + 1e-6 * np.arange(len(responses), dtype=np.float32)[:, None]
+
+    monkeypatch.setattr(embedding, "embed", drifting)
+    spec = ExperimentSpec(reward_source="embedding_bt", reward_prompts=48, reward_fit_prompts=240, steps=8)
+    scored = xp.embedding_rewards(train, spec, cache_dir=tmp_path)
+    repeats = 0
+    for ys, rs in zip(scored["responses"], scored["rewards"]):
+        for y in set(ys):
+            assert len({r for t, r in zip(ys, rs) if t == y}) == 1, y
+            repeats += ys.count(y) > 1
+    assert repeats > 0, "the first 48 committed prompts hold repeated answers"

@@ -178,16 +178,29 @@ def _sentence_model(model_name: str):
 
 
 def _sentence_embeddings(texts: list[str], model_name: str, batch_size: int, progress: bool) -> np.ndarray:
+    from nca_kit.progress import progress as progress_lines
+
     model = _sentence_model(model_name)
-    with _left_truncation(model.tokenizer):
-        out = model.encode(texts, batch_size=batch_size, show_progress_bar=progress, convert_to_numpy=True)
-    return out.astype(np.float32)
+    if progress:  # one bar over all texts
+        with _left_truncation(model.tokenizer):
+            out = model.encode(texts, batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True)
+        return out.astype(np.float32)
+    chunk = 16 * batch_size  # progress lines between chunks; sentence-transformers batches within each
+    parts = []
+    with _left_truncation(model.tokenizer), progress_lines(total=len(texts), desc="embedding") as lines:
+        for start in range(0, len(texts), chunk):
+            parts.append(model.encode(texts[start:start + chunk], batch_size=batch_size, show_progress_bar=False,
+                                      convert_to_numpy=True))
+            lines.update(len(parts[-1]))
+    if not parts:
+        return np.zeros((0, model.get_sentence_embedding_dimension()), np.float32)
+    return np.concatenate(parts).astype(np.float32)
 
 
 @torch.no_grad()
 def _lm_embeddings(prompts, responses, model_name: str, pooling: str, max_length: int, batch_size: int,
                    progress: bool, loaded) -> np.ndarray:
-    from tqdm import tqdm
+    from nca_kit.progress import progress as progress_lines
 
     from nca_kit.models import load_model
 
@@ -200,7 +213,7 @@ def _lm_embeddings(prompts, responses, model_name: str, pooling: str, max_length
     out = []
     try:
         with _left_truncation(tokenizer):
-            for start in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="embedding"):
+            for start in progress_lines(range(0, len(texts), batch_size), bar=progress, desc="embedding"):
                 batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
                                   truncation=True, max_length=max_length, add_special_tokens=False)
                 hidden = backbone(**batch).last_hidden_state.float()  # (B, T, D)
@@ -919,7 +932,8 @@ def run_study(
     realised annotation error rate in ``label_error``.
     """
     import pandas as pd
-    from tqdm import tqdm
+
+    from nca_kit.progress import progress as progress_lines
 
     if noise not in ("flip", "tau"):
         raise ValueError(f"noise must be 'flip' or 'tau', got {noise!r}")
@@ -929,7 +943,7 @@ def run_study(
     rewards, groups = np.asarray(rewards, dtype=np.float64), np.asarray(groups)
     rows = []
     jobs = [(s, level, head) for s in seeds for level in noise_levels for head in heads]
-    for seed, level, head in tqdm(jobs, disable=not progress, desc="study"):
+    for seed, level, head in progress_lines(jobs, bar=progress, desc="reward-model study"):
         train = split_by_prompt(groups, held_out, seed)
         idx_train, idx_test = np.flatnonzero(train), np.flatnonzero(~train)
         noise_kw = {"flip": level} if noise == "flip" else {"tau": level}

@@ -631,9 +631,9 @@ def _cache(cache_dir) -> Cache | None:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
+    from nca_kit.progress import progress
 
-    return tqdm(total=total, desc=desc, unit="resp", disable=not enabled)
+    return progress(total=total, desc=desc, unit="resp", bar=enabled)
 
 
 def flr_scores(
@@ -665,7 +665,7 @@ def flr_scores(
         layout: how a shared prefix is computed (see :func:`prefix_shared_logps`; the scores are the same).
         cache_dir: a folder (or :class:`nca_kit.cache.Cache`) to keep the scores in, block by block, keyed by
             :func:`model_fingerprint`, the follow-ups, ``max_length`` and the texts; ``None``: no disk cache.
-        progress: a tqdm bar over responses.
+        progress: a tqdm bar over responses (else progress lines, :mod:`nca_kit.progress`).
     """
     messages = _check_inputs(tokenizer, prompts, responses)
     flat = _flatten(load_followups(followups, categories))
