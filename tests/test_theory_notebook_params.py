@@ -104,11 +104,11 @@ BAD_PARAMETERS = [
     # 01: K 100 enumerates 5^100 tuple codes (int64 overflow), K 2.5 and the strings failed late or never
     ("01", {"K": 100}, "K"),
     ("01", {"K": 2.5}, "K"),
-    ("01", {"K": True}, "K"),
+    ("01", {"K": 3.0}, "K"),
     ("01", {"SEED": "x"}, "SEED"),
     ("01", {"SEED": -1}, "SEED"),
     ("01", {"ALPHA": "abc"}, "ALPHA"),
-    ("01", {"ALPHA": float("nan")}, "ALPHA"),
+    ("01", {"ALPHA": float("inf")}, "ALPHA"),
     ("01", {"BETA": float("inf")}, "BETA"),
     ("01", {"REWARD_SCALE": None}, "REWARD_SCALE"),
     ("01", {"N_RESPONSES": 1000}, "N_RESPONSES"),
@@ -125,7 +125,7 @@ BAD_PARAMETERS = [
     ("02", {"SEED": "x"}, "SEED"),
     ("02", {"ALPHA": "abc"}, "ALPHA"),
     ("02", {"PAPER_ALPHA": "0.01"}, "PAPER_ALPHA"),
-    ("02", {"N_PROMPTS": 2.5}, "N_PROMPTS"),
+    ("02", {"N_PROMPTS": 2000.0}, "N_PROMPTS"),
     ("02", {"N_PROMPTS": 10**9}, "N_PROMPTS"),
     ("02", {"N_DRAWS": 10**10}, "N_DRAWS"),
     # 03
