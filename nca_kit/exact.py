@@ -45,9 +45,49 @@ __all__ = [
     "nca_finite_k_minimiser",
     "minimise",
     "table1",
+    "tuples_bytes",
+    "compositions_bytes",
+    "simulation_bytes",
+    "check_size",
 ]
 
 DTYPE = torch.float64  # exact enumeration: float64 makes 1e-8 convergence checks meaningful
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Memory the exact computations need (the lectures refuse settings above nca_kit.notebook_params.MEMORY_LIMIT_BYTES)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def tuples_bytes(n: int, k: int) -> float:
+    """Estimated peak bytes of :func:`expected_reward_loss` minimised by :func:`minimise` on all ``N^K`` tuples.
+
+    Per tuple: the Python tuple from ``itertools.product`` and its index row (~ 64 + 16 K bytes), and ~ 60 float64
+    tensors of shape ``(T, K)`` kept by autograd for the exact Hessian. Measured: N = 5, K = 8 (390 625 tuples)
+    peaks at 1.29 GB above the interpreter, i.e. ~ 415 bytes per tuple and slot; the estimate, ``512 K + 256`` per
+    tuple, stays above it.
+    """
+    return float(n) ** k * (512 * k + 256)
+
+
+def compositions_bytes(n: int, k: int) -> float:
+    """Estimated peak bytes of :func:`nca_finite_k_minimiser`: ``C(K + N − 2, N − 1)`` multinomial outcomes, each
+    a Python tuple, N int64 counts, N Python floats (``lgamma``) and N float64 shares (~ 128 N + 256 bytes)."""
+    return float(math.comb(k + n - 2, n - 1)) * (128 * n + 256)
+
+
+def simulation_bytes(n_draws: int, k: int) -> float:
+    """Estimated peak bytes of :func:`simulate_infonce` (``k`` responses per draw) or :func:`simulate_nce`
+    (``k = 1``): ~ 4 int64 / float64 arrays of shape ``(M, K)`` and ~ 8 of shape ``(M,)``."""
+    return float(n_draws) * (32 * k + 64)
+
+
+def check_size(name: str, need_bytes: float, what: str, limit: int | None = None) -> None:
+    """Raise ``ValueError`` naming ``name`` when ``need_bytes`` is above ``limit`` (default
+    :data:`nca_kit.notebook_params.MEMORY_LIMIT_BYTES`)."""
+    from nca_kit.notebook_params import MEMORY_LIMIT_BYTES, check_memory
+
+    check_memory(name, need_bytes, what, MEMORY_LIMIT_BYTES if limit is None else limit)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -82,6 +122,9 @@ def simulate_infonce(world: ToyWorld, k: int, n_draws: int, alpha: float, rng: n
     from ``mu``. Bayes' rule gives ``P(nu = i | y_1..K) = softmax(r(y_i) / alpha)``: the reward is exactly the logit
     of a K-way classifier, which is what InfoNCA (Eq. 6) trains.
     """
+    if world.n ** k >= 2**63:
+        raise ValueError(f"k must be smaller: the {world.n}^{k} ordered tuples do not fit the int64 codes that "
+                         f"group the draws")
     nu = rng.integers(k, size=n_draws)  # (M,)
     optimal = rng.choice(world.n, size=n_draws, p=world.optimal_policy(alpha))  # (M,)
     responses = rng.choice(world.n, size=(n_draws, k), p=world.mu)  # (M, K)
@@ -168,6 +211,7 @@ def chi_square(hits: np.ndarray, counts: np.ndarray, probs: np.ndarray, min_expe
 
 @functools.lru_cache(maxsize=16)
 def _tuple_index(n: int, k: int) -> torch.Tensor:
+    check_size("k", tuples_bytes(n, k), f"enumerating all {n}^{k} ordered tuples of responses")
     return torch.tensor(list(itertools.product(range(n), repeat=k)), dtype=torch.long)  # (T, K)
 
 
@@ -249,6 +293,8 @@ def nca_finite_k_minimiser(world: ToyWorld, k: int, alpha: float) -> np.ndarray:
     """
     if k < 2:
         raise ValueError(f"k must be >= 2, got {k}")
+    check_size("k", compositions_bytes(world.n, k), f"the C({k + world.n - 2}, {world.n - 1}) outcomes of {k - 1} "
+               f"draws over {world.n} responses")
     shift = world.rewards.max() / alpha
     e = np.exp(world.rewards / alpha - shift)  # (N,) in (0, 1]
     counts = _compositions(k - 1, world.n)  # (C, N) how many of the K-1 other draws hit each response

@@ -70,6 +70,8 @@ __all__ = [
     "feature_map_study",
     "ToyRun",
     "train_toy",
+    "feature_study_bytes",
+    "swap_gap",
 ]
 
 DTYPE = torch.float64  # the toy is tiny: float64 makes convergence checks meaningful down to 1e-8
@@ -618,3 +620,40 @@ def train_toy(
         final_model_rewards=(beta * (final_logp - world.log_mu())).numpy(),
         config=config,
     )
+
+
+def feature_study_bytes(n_maps: int, dims, steps: int, record_every: int = 10, n_responses: int = 4) -> float:
+    """Estimated peak bytes of :func:`feature_map_study`: per dimension and loss, the ``(M, N, D)`` feature maps and
+    the recorded history (``steps / record_every + 1`` rows of ``M`` policies, ``N + 3`` float64 columns, held
+    twice while it is assembled)."""
+    rows = (steps // record_every + 2) * n_maps
+    return float(sum(n_maps * n_responses * d * 8 * 4 + rows * (n_responses + 3) * 8 * 3 for d in dims)) * 2
+
+
+def swap_gap(world: ToyWorld, pi_1: torch.Tensor, pi_2: torch.Tensor, loss_type: str, *, alpha: float,
+             beta: float = 1.0) -> float:
+    r"""``population_loss(pi_1) - population_loss(pi_2)`` in closed form, for two policies whose implicit rewards on
+    the reward data are the same multiset (e.g. Table 10's scenarios (1) and (2): the same freed mass on ``y_d`` or
+    on ``y_c``, and ``mu(y_c) = mu(y_d)``).
+
+    Then InfoNCA's log-normaliser and NCA's ``1/K`` terms are equal for both, and what is left is the soft-label
+    term: ``-sum_i w_i (s1_i - s2_i)`` (InfoNCA) or ``-sum_i w_i (log σ(s1_i) - log σ(s2_i))`` (NCA) with
+    ``w = softmax(r/alpha)`` over the ``K`` responses and ``s = beta·log(pi/mu)``. Only the slots where the two
+    policies differ enter, so the result keeps its precision where the two losses, computed separately, agree to
+    every digit float64 has (``w`` of order ``exp(-Δr/alpha)``).
+    """
+    from nca_kit.losses import soft_labels
+
+    loss_type = check_loss_type(loss_type, "reward")
+    if loss_type not in ("infonca", "nca"):
+        raise ValueError(f"loss_type must be 'infonca' or 'nca', got {loss_type!r}")
+    index = reward_sample(world)
+    s1 = beta * (pi_1.log() - world.log_mu())[index]  # (K,)
+    s2 = beta * (pi_2.log() - world.log_mu())[index]  # (K,)
+    if not torch.allclose(s1.sort().values, s2.sort().values, rtol=0, atol=1e-12):
+        raise ValueError("the two policies' implicit rewards on the reward data must be the same multiset")
+    weights = soft_labels(world.reward_tensor()[index][None, :], alpha)[0]  # (K,)
+    differ = (s1 - s2).abs() > 0
+    if loss_type == "nca":
+        s1, s2 = torch.nn.functional.logsigmoid(s1), torch.nn.functional.logsigmoid(s2)
+    return float(-(weights[differ] * (s1[differ] - s2[differ])).sum())
