@@ -121,12 +121,14 @@ def one_run(method, alpha, seed, args, cache) -> dict:
     from nca_kit.experiment import Experiment, ExperimentSpec
     from nca_kit.training import train
 
-    spec = ExperimentSpec(method=method, k=4, alpha=0.01 if alpha is None else alpha, beta=args.beta, lr=args.lr,
-                          steps=args.steps, batch=args.batch, seed=seed, n_eval=args.n_eval,
-                          warmup_ratio=args.warmup_ratio)
+    spec = ExperimentSpec(model=args.model, n_train=args.n_train, n_test=args.n_test,
+                          max_new_tokens=args.max_new_tokens, method=method, k=args.k,
+                          alpha=0.01 if alpha is None else alpha, beta=args.beta, lr=args.lr, steps=args.steps,
+                          batch=args.batch, seed=seed, n_eval=args.n_eval, warmup_ratio=args.warmup_ratio)
     name = run_name(method, alpha, seed)
     started, cpu = time.time(), time.process_time()
-    exp = Experiment(spec, out=args.out, reuse_model=True)
+    dirs = {} if args.cache is None else {"data_dir": args.cache / "data", "cache_dir": args.cache}
+    exp = Experiment(spec, out=args.out, reuse_model=True, **dirs)
     exp.run_dir = Path(args.out) / name
     exp.load_data()
     exp.method_rows()
@@ -182,6 +184,13 @@ def main(argv=None) -> int:
     parser.add_argument("--n-eval", type=int, default=16, help="fixed held-out prompts for greedy accuracy")
     parser.add_argument("--eval-every", type=int, default=30, help="held-out accuracy and a checkpoint every N steps")
     parser.add_argument("--only", nargs="*", default=None, help="run names to run (e.g. dpo_s0 nca_a0.01_s0)")
+    # the data and model (defaults: the committed arithmetic set and SmolLM2; the tests use a tiny model)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--n-train", type=int, default=300)
+    parser.add_argument("--n-test", type=int, default=100)
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--cache", type=Path, default=None, help="dataset and base-evaluation cache (default: runs/cache)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     records = Path(args.records)
