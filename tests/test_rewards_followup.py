@@ -139,7 +139,9 @@ def test_scores_equal_a_hand_built_conversation(tok):
         assert tok(rendered, add_special_tokens=False)["input_ids"] == full
         feedback_ids = torch.tensor(tok(text)["input_ids"])
         public_code = logits[0, -len(feedback_ids):, :][0, feedback_ids].mean().item()
-        assert scores.logit[0, column] == pytest.approx(public_code, abs=1e-4)
+        assert scores.logit_literal[0, column] == pytest.approx(public_code, abs=1e-4)
+        at_first = logits[0, start, feedback_ids].mean().item()  # the state at the follow-up's first token
+        assert scores.logit[0, column] == pytest.approx(at_first, abs=1e-4)
     assert scores.rewards()[0] == pytest.approx(scores.loglik[0, 0] - scores.loglik[0, 1])
 
 
@@ -292,3 +294,65 @@ def test_pair_accuracy_figure_names_the_band_and_the_chance_line():
     ax = flr.plot_pair_accuracy(table)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "Direct's 95 % interval" in labels and "chance (0.5)" in labels
+
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def llama3_style_tokenizer():
+    """The tiny tokenizer with Llama-3's turn markers as special tokens, a BOS added by ``tokenizer(text)`` (as
+    Llama-3's tokenizer does), and Llama-3's chat template (one closing ``<|eot_id|>`` per turn)."""
+    from tokenizers import processors
+
+    tok = flr_tiny_tokenizer()
+    tok.add_special_tokens({"bos_token": "<|begin_of_text|>", "additional_special_tokens": [
+        "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    bos = tok.convert_tokens_to_ids("<|begin_of_text|>")
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B", special_tokens=[("<|begin_of_text|>", bos)])
+    tok.chat_template = LLAMA3_TEMPLATE
+    return tok
+
+
+def flr_tiny_tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.mark.parametrize("template, literal_shift", [("llama3", 0), ("chatml", 2)])
+def test_code_variant_reads_the_followups_first_token_on_every_template(template, literal_shift):
+    """On a Llama-3-style template the public code's literal ``logits[-L]`` is the state at the follow-up's first
+    token, so "code" and "code_literal" agree; on ChatML (SmolLM2's template, ``<|im_end|>\n`` closes a turn,
+    no BOS) the literal offset reads the state at the follow-up's third token, and only "code" stays on the first."""
+    tok = llama3_style_tokenizer() if template == "llama3" else tiny_tokenizer()
+    text = "That is not what I asked."
+    turn = flr._followup_tokens(tok, text)
+    assert turn.code_position == turn.span[0] + 1  # the state at token span[0] predicts token span[0] + 1
+    assert turn.literal_position == turn.code_position + literal_shift
+    model = tiny_model("llama", vocab_size=len(tok), seed=5).eval()
+    prompt, response = "What is two plus two?", "Four."
+    scores = flr.flr_scores(model, tok, [prompt], [response], followups={"c": {"positive": [text], "negative": ["no"]}},
+                            progress=False)
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    rendered = tok.apply_chat_template(messages + [{"role": "user", "content": text}], tokenize=False)
+    full = tok(rendered, add_special_tokens=False)["input_ids"]
+    own = tok(text, add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(len(full) - len(own), -1, -1) if full[i:i + len(own)] == own)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([full])).logits[0]  # (S, V)
+    feedback_ids = torch.tensor(tok(text)["input_ids"])  # special tokens included, as the public code
+    if template == "llama3":
+        assert feedback_ids[0].item() == tok.convert_tokens_to_ids("<|begin_of_text|>")
+    literal = logits[-len(feedback_ids):, :][0, feedback_ids].mean().item()
+    first = logits[start, feedback_ids].mean().item()
+    assert scores.logit_literal[0, 0] == pytest.approx(literal, abs=1e-4)
+    assert scores.logit[0, 0] == pytest.approx(first, abs=1e-4)
+    if literal_shift:
+        assert abs(literal - first) > 1e-3  # the fixed offset really reads another state here
+    else:
+        assert scores.logit[0, 0] == pytest.approx(scores.logit_literal[0, 0], abs=1e-6)
+    for variant in flr.VARIANTS:
+        assert scores.rewards(variant).shape == (1,)

@@ -23,10 +23,23 @@ renders the whole conversation with the chat template (no generation prompt), ta
 tokenizer's special tokens included), keeps the model's raw output ``logits[0, -L:, :]`` and reduces it with
 ``logits[0, feedback_ids[0]].mean()``: the first index selects *one* position (the ``L``-th from the end), the second
 indexes that position's vocabulary row by the follow-up's token ids. So its score is the **mean raw logit, at a
-single position, of the follow-up's tokens taken as a bag of words** — no softmax, no teacher forcing, and the
-position is set by the follow-up's length and the template's closing tokens (for ChatML ``<|im_end|>\n`` shift it by
-two). Variant ``"code"`` reproduces exactly that on any template; variant ``"paper"`` is the equation above. One
-forward pass yields both, so :class:`FLRScores` always holds both.
+single position, of the follow-up's tokens taken as a bag of words** — no softmax, no teacher forcing.
+
+Which position that is depends on the template. On the authors' template (Llama-3: ``tokenizer(f)`` adds one
+``<|begin_of_text|>``, and the user turn closes with one ``<|eot_id|>``) ``-L`` lands on the follow-up's *first*
+token: the state that has read the turn header and the follow-up's first token (and predicts its second). On another
+template the same offset lands elsewhere: ChatML (SmolLM2) adds no BOS and closes a turn with two tokens,
+``<|im_end|>\n``, so ``-L`` reads the state at the follow-up's *third* token, conditioning the score on two more of
+the follow-up's own tokens. Hence three variants:
+
+* ``"paper"`` — the equation above;
+* ``"code"`` — the public code's score at the position it reads on its own template: the state at the follow-up's
+  first token, found from the chat template (the start of the follow-up's own tokens in its user turn), so it means
+  the same thing on every template;
+* ``"code_literal"`` — the literal ``logits[-L]`` copy, kept to show what a fixed offset does on another template
+  (on a Llama-3-style template it equals ``"code"``).
+
+One forward pass yields all three, so :class:`FLRScores` always holds them all.
 
 **Speed.** Each response is scored under ``2|F|`` continuations (120 with the default follow-ups) that share the
 long prefix ``x, y``. :func:`prefix_shared_logps` computes each prefix once instead of running the whole
@@ -93,12 +106,13 @@ __all__ = [
 CATEGORIES = ("understanding", "relevance", "correctness", "engagingness", "informativeness", "instruction_following")
 
 #: ``"paper"``: mean teacher-forced token log-likelihood of the follow-up (the paper's text). ``"code"``: mean raw
-#: logit of the follow-up's token ids at one position (what the public ``run_llama3.py`` computes).
-VARIANTS = ("paper", "code")
+#: logit of the follow-up's token ids at the state of its first token (what the public ``run_llama3.py`` reads on
+#: its Llama-3 template). ``"code_literal"``: the same bag of logits at the literal ``logits[-L]`` offset.
+VARIANTS = ("paper", "code", "code_literal")
 
 POLARITIES = ("positive", "negative")
 
-_VERSION = "flr-v1"  # bump when the scoring changes (it keys the on-disk cache)
+_VERSION = "flr-v2"  # bump when the scoring changes (it keys the on-disk cache)
 _CACHE_BLOCK = 32  # responses per cache entry: an interrupted run loses at most one block
 
 # The kit's own follow-ups (about ten per category and polarity), written as a user would reply.
@@ -426,12 +440,15 @@ def _encode(tokenizer, text: str) -> list[int]:
 @dataclass(frozen=True)
 class _FollowupTokens:
     """One follow-up turn as the continuation of ``prompt + response``: its ids, which of them are the follow-up's
-    own tokens (``span``), and the two pieces the public code reads (``code_position``, ``code_ids``)."""
+    own tokens (``span``), and the pieces the public code reads (``code_position``, ``literal_position``,
+    ``code_ids``)."""
 
     ids: tuple[int, ...]
     span: tuple[int, int]
-    code_position: int  # t such that the public code reads the hidden state that predicts token t (t <= len(ids))
+    code_position: int  # t: variant "code" reads the state that predicts token t = span[0] + 1 (the state at the
+    #                     follow-up's first token, what the public code reads on Llama-3's template)
     code_ids: tuple[int, ...]
+    literal_position: int  # t of the literal logits[-L] offset (variant "code_literal"; t <= len(ids))
 
 
 def _followup_tokens(tokenizer, text: str) -> _FollowupTokens:
@@ -462,13 +479,15 @@ def _followup_tokens(tokenizer, text: str) -> _FollowupTokens:
     inside = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < end and b > start and b > a]
     if not inside:
         raise ValueError(f"follow-up {text!r} has no tokens of its own inside the chat template's user turn")
-    # Public code: the conversation ends with `ids`; it reads the output at position len(full) - L of the full
-    # sequence, the state that predicts the token after it, i.e. continuation token len(ids) - L + 1.
+    # Public code, literally: the conversation ends with `ids`; it reads the output at position len(full) - L of the
+    # full sequence, the state that predicts the token after it, i.e. continuation token len(ids) - L + 1. On its
+    # Llama-3 template (BOS in L, one closing <|eot_id|>) that is the state at the follow-up's first token; variant
+    # "code" reads that state on every template.
     code_ids = list(tokenizer(text)["input_ids"])
-    code_position = len(ids) - len(code_ids) + 1
-    if not 0 <= code_position <= len(ids):
+    literal_position = len(ids) - len(code_ids) + 1
+    if not 0 <= literal_position <= len(ids):
         raise ValueError(f"follow-up {text!r}: the public code's position falls outside its user turn")
-    return _FollowupTokens(tuple(ids), (inside[0], inside[-1] + 1), code_position, tuple(code_ids))
+    return _FollowupTokens(tuple(ids), (inside[0], inside[-1] + 1), inside[0] + 1, tuple(code_ids), literal_position)
 
 
 def _truncate_left(ids: list[int], max_length: int) -> list[int]:
@@ -491,13 +510,15 @@ class FLRScores:
     """Every number FLR computes for ``N`` responses and ``F`` follow-ups.
 
     ``followups``: the ``F`` ``(category, polarity, text)`` triples, in column order. ``loglik`` ``(N, F)``: mean
-    token log-likelihood of each follow-up (variant ``"paper"``). ``logit`` ``(N, F)``: the public code's score
-    (variant ``"code"``).
+    token log-likelihood of each follow-up (variant ``"paper"``). ``logit`` ``(N, F)``: the public code's score at
+    the state of the follow-up's first token (variant ``"code"``); ``logit_literal`` ``(N, F)``: the same
+    at the literal ``logits[-L]`` offset (variant ``"code_literal"``).
     """
 
     followups: list[tuple[str, str, str]]
     loglik: np.ndarray
     logit: np.ndarray
+    logit_literal: np.ndarray
 
     @property
     def categories(self) -> list[str]:
@@ -507,7 +528,7 @@ class FLRScores:
         """``(N, F)`` follow-up scores of ``variant``."""
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        return self.loglik if variant == "paper" else self.logit
+        return {"paper": self.loglik, "code": self.logit, "code_literal": self.logit_literal}[variant]
 
     def rewards(self, variant: str = "paper", categories: Sequence[str] | None = None) -> np.ndarray:
         """``(N,)``: mean over the positive follow-ups minus mean over the negative ones (of ``categories``)."""
@@ -558,7 +579,7 @@ def _eval_mode(model):
 def _shared_header(tokens: list[_FollowupTokens]) -> int:
     """Length of the turn header every follow-up starts with (``<|im_start|>user\n`` in ChatML): it joins the prefix,
     so it is encoded once per response. It stops before the first token any score reads."""
-    limit = min(min(f.span[0] for f in tokens), min(f.code_position for f in tokens))
+    limit = min(min(f.span[0] for f in tokens), min(f.literal_position for f in tokens))
     common = 0
     while common < limit and len({f.ids[common] for f in tokens}) == 1:
         common += 1
@@ -567,7 +588,8 @@ def _shared_header(tokens: list[_FollowupTokens]) -> int:
 
 def _flr_block(model, tokenizer, messages, responses, tokens: list[_FollowupTokens], *, batch_size, max_length,
                share_prefix, layout="auto", tick=lambda n: None) -> np.ndarray:
-    """``(n, F, 2)`` scores of a block of responses: ``[..., 0]`` mean log-likelihood, ``[..., 1]`` code logit.
+    """``(n, F, 3)`` scores of a block of responses: ``[..., 0]`` mean log-likelihood, ``[..., 1]`` code logit,
+    ``[..., 2]`` literal-offset code logit.
 
     Only the tokens a score reads are run: the shared turn header goes into the prefix, and a follow-up turn is cut
     after the last token whose successor is scored (causal attention: later tokens change nothing before them).
@@ -576,11 +598,12 @@ def _flr_block(model, tokenizer, messages, responses, tokens: list[_FollowupToke
     common = _shared_header(tokens)
     header = list(tokens[0].ids[:common])
     # inputs of follow-up f: its turn from the header on, up to the last state a score reads (at least one token)
-    inputs = [list(f.ids[common:max(f.span[1] - 1, f.code_position, common + 1)]) for f in tokens]
+    inputs = [list(f.ids[common:max(f.span[1] - 1, f.code_position, f.literal_position, common + 1)])
+              for f in tokens]
     layout = _layout(model, layout) if share_prefix else "naive"
     per_forward = max(1, batch_size // n_f)  # responses per forward when all their follow-ups fit in one batch
     chunk = n_f if layout == "tree" else min(n_f, batch_size)  # follow-ups per forward (tree: one row per response)
-    out = np.zeros((len(responses), n_f, 2))
+    out = np.zeros((len(responses), n_f, 3))
     device = _device(model)
     for lo in range(0, len(responses), per_forward):
         hi = min(lo + per_forward, len(responses))
@@ -610,12 +633,15 @@ def _flr_block(model, tokenizer, messages, responses, tokens: list[_FollowupToke
             lengths = torch.tensor([tokens[f].span[1] - tokens[f].span[0] for f in rows_f], device=device)
             loglik = torch.zeros(len(rows_f), dtype=torch.float64, device=device).index_add(
                 0, rows, token_logps.double()) / lengths  # (R,)
-            # "code": raw logits at one position, averaged over the follow-up's token ids (a bag of words).
-            at = torch.tensor([tokens[f].code_position - common for f in rows_f], device=device)
-            raw = _logits(model, states[torch.arange(len(rows_f), device=device), at])  # (R, V)
-            logit = torch.stack([raw[row, list(tokens[f].code_ids)].double().mean() for row, f in enumerate(rows_f)])
             out[lo:hi, group.start:group.stop, 0] = loglik.view(hi - lo, len(group)).cpu().numpy()
-            out[lo:hi, group.start:group.stop, 1] = logit.view(hi - lo, len(group)).cpu().numpy()
+            # "code" / "code_literal": raw logits at one position, averaged over the follow-up's token ids (a bag of
+            # words); at the state of the follow-up's first token / at the literal logits[-L] offset.
+            for slot, name in ((1, "code_position"), (2, "literal_position")):
+                at = torch.tensor([getattr(tokens[f], name) - common for f in rows_f], device=device)
+                raw = _logits(model, states[torch.arange(len(rows_f), device=device), at])  # (R, V)
+                logit = torch.stack([raw[row, list(tokens[f].code_ids)].double().mean()
+                                     for row, f in enumerate(rows_f)])
+                out[lo:hi, group.start:group.stop, slot] = logit.view(hi - lo, len(group)).cpu().numpy()
         tick(hi - lo)
     return out
 
@@ -695,7 +721,7 @@ def flr_scores(
     finally:
         model.train(was_training)
     scores = np.concatenate(parts)  # (N, F, 2)
-    return FLRScores(followups=flat, loglik=scores[..., 0], logit=scores[..., 1])
+    return FLRScores(followups=flat, loglik=scores[..., 0], logit=scores[..., 1], logit_literal=scores[..., 2])
 
 
 def flr_rewards(model, tokenizer, prompts: Sequence, responses: Sequence[str], *, followups=None,
@@ -703,7 +729,8 @@ def flr_rewards(model, tokenizer, prompts: Sequence, responses: Sequence[str], *
                 **kwargs) -> np.ndarray:
     """``(N,)`` FLR rewards: mean score of the positive follow-ups minus that of the negative ones.
 
-    ``variant``: ``"paper"`` (mean token log-likelihood) or ``"code"`` (the public code's raw-logit score); other
+    ``variant``: ``"paper"`` (mean token log-likelihood), ``"code"`` (the public code's raw-logit score at the state
+    of the follow-up's first token) or ``"code_literal"`` (the same at the literal ``-L`` offset); other
     keyword arguments as :func:`flr_scores`.
     """
     if variant not in VARIANTS:

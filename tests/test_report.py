@@ -1,0 +1,67 @@
+"""nca_kit.report: the committed results pages equal what the committed records regenerate, and its pieces."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from nca_kit import report
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_committed_pages_match_their_records():
+    """The check CI runs: every generated page and block rebuilt from results/ and the stored outputs it names."""
+    assert report.main(["--check"]) == 0
+
+
+def test_null_range_matches_known_expected_range():
+    # sd of a cell: noise * sqrt(pi) / 2 / sqrt(2); the expected range of 9 normal draws is 2.970 sd (d2 constant)
+    noise = 0.3
+    sd = noise * math.sqrt(math.pi) / 2 / math.sqrt(2)
+    out = report.null_range(9, noise, draws=100_000)
+    assert out["expected"] == pytest.approx(2.970 * sd, rel=0.01)
+    assert out["q95"] > out["expected"]
+
+
+def test_replace_block_needs_its_markers():
+    text = "a\n<!-- report:x -->\nold\n<!-- /report:x -->\nb\n"
+    assert report.replace_block(text, "x", "new") == "a\n<!-- report:x -->\nnew\n<!-- /report:x -->\nb\n"
+    with pytest.raises(ValueError):
+        report.replace_block("no markers", "x", "new")
+
+
+def _record(method, alpha, seed, slope, status="done", steps=30):
+    rng = np.random.default_rng(seed)
+    x = np.arange(1, steps + 1)
+    chosen = (slope / 100 * x + rng.normal(0, 0.01, steps)).tolist()
+    return {"run": f"{method}_{alpha}_{seed}", "status": status, "method": method, "alpha": alpha, "beta": 0.1,
+            "lr": 5e-4, "steps": steps, "batch": 1, "seed": seed,
+            "heldout": {"n_prompts": 4, "step": [0, steps], "accuracy": [0.25, 0.5],
+                        "correct": [[1, 0, 0, 0], [1, 1, 0, 0]]},
+            "curves": {"step": x.tolist(), "chosen": chosen, "rejected": [-v for v in chosen],
+                       "mean": [0.0] * steps, "margin": [0.1] * steps},
+            "wall_seconds": 10.0}
+
+
+def test_horizon_page_slopes_and_verdicts(tmp_path):
+    records = [_record("dpo", None, s, -20.0) for s in range(3)]
+    records += [_record("nca", 0.01, s, +10.0) for s in range(3)]
+    records += [_record("infonca", 0.01, s, -5.0) for s in range(2)]
+    records += [_record("infonca", 0.01, 2, -5.0, status="partial: 15 of 30 steps")]
+    for r in records:
+        name = r["run"] + (".partial" if r["status"] != "done" else "")
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    loaded = report.load_horizon(tmp_path)
+    assert len(loaded) == 9
+    page = tmp_path / "page.md"
+    report.horizon_page(loaded, tmp_path, page)
+    text = page.read_text()
+    dpo = next(line for line in text.splitlines() if line.startswith("| DPO | 3 |"))
+    assert "-20.0" in dpo and "| falls | holds |" in dpo
+    nca = next(line for line in text.splitlines() if line.startswith("| NCA α=0.01 | 3 |"))
+    assert "holds (rises)" in nca
+    assert "| InfoNCA α=0.01 | 2 |" in text  # the partial seed is listed but not in the verdict
+    assert "α = 0.01: +15.0" in text  # NCA - InfoNCA paired over the two seeds both finished
+    assert (tmp_path / "horizon_likelihood.png").exists() and (tmp_path / "horizon_accuracy.png").exists()
