@@ -3,8 +3,11 @@ embeddings, reward scores.
 
 An entry is a file named ``<tag>_<key>.<ext>`` inside a cache folder, where ``key`` hashes the *settings* that
 produced it (model, texts, options: anything that would change the result). Beside it, ``<tag>_<key>.settings.json``
-stores those settings in full, so a hash collision or a hand-edited file is caught instead of read silently.
-Writes go to a temporary file that is renamed into place, so an interrupted run never leaves a half-written entry.
+stores those settings in full and the SHA-256 of the entry's bytes (and an array's shape and dtype). Every read
+checks them all: other settings under the same key (a hash collision, a hand-edited sidecar) are an error; an entry
+whose bytes do not match its digest (edited, truncated, replaced), that does not parse, or whose shape / dtype is not
+what the caller expects is recomputed with a warning naming the file. Writes go to a temporary file that is renamed
+into place, the sidecar last, so an interrupted run never leaves an entry that reads as complete.
 
     >>> from nca_kit.cache import Cache
     >>> cache = Cache("runs/cache")
@@ -19,12 +22,13 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["Cache", "default_cache_dir", "settings_key"]
+__all__ = ["Cache", "default_cache_dir", "settings_key", "file_digest"]
 
 
 def default_cache_dir() -> Path:
@@ -44,8 +48,33 @@ def settings_key(settings: Any, length: int = 16) -> str:
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+_FORMAT = "nca_kit.cache/2"
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _shape_problem(value: np.ndarray, shape, dtype) -> str | None:
+    """Why ``value`` does not have the expected ``shape`` (``None`` entries: any size) and ``dtype``, or None."""
+    if dtype is not None and value.dtype != np.dtype(dtype):
+        return f"dtype {value.dtype}, expected {np.dtype(dtype)}"
+    if shape is not None:
+        shape = tuple(shape)
+        if value.ndim != len(shape) or any(w is not None and w != g for w, g in zip(shape, value.shape)):
+            want = "(" + ", ".join("*" if w is None else str(w) for w in shape) + ")"
+            return f"shape {tuple(value.shape)}, expected {want}"
+    return None
+
+
 class Cache:
-    """A folder of cached results, each keyed by the settings that produced it. See the module docstring."""
+    """A folder of cached results, each keyed by the settings that produced it and verified by its content on every
+    read. See the module docstring."""
 
     def __init__(self, directory: str | Path | None = None):
         self.directory = Path(directory) if directory is not None else default_cache_dir()
@@ -60,50 +89,103 @@ class Cache:
         return path.with_name(path.name + ".settings.json")
 
     def _check(self, path: Path, settings: Any) -> bool:
+        """Whether ``path`` is a complete entry for ``settings`` whose bytes match its recorded digest. Other
+        settings under this key raise; anything else wrong warns (naming the file) and reads as a miss."""
         side = self._sidecar(path)
         if not (path.exists() and side.exists()):
             return False
-        stored = json.loads(side.read_text())
-        if stored != json.loads(_canonical(settings)):
+        try:
+            stored = json.loads(side.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return self._stale(path, "its settings sidecar does not parse")
+        new_format = isinstance(stored, dict) and stored.get("format") == _FORMAT
+        stored_settings = stored.get("settings") if new_format else stored
+        if stored_settings != json.loads(_canonical(settings)):
             raise ValueError(f"cache entry {path} was computed with other settings than asked for; delete it")
+        if not new_format:
+            return self._stale(path, "it was written without a digest of its content")
+        if file_digest(path) != stored.get("sha256"):
+            return self._stale(path, "its content does not match the digest written with it (edited, truncated or "
+                                     "replaced)")
         return True
 
-    def _write(self, path: Path, settings: Any, write: Callable[[Path], None]) -> None:
+    def _stale(self, path: Path, why: str) -> bool:
+        warnings.warn(f"cache entry {path}: {why}; recomputing it", stacklevel=4)
+        return False
+
+    def _write(self, path: Path, settings: Any, write: Callable[[Path], None], **meta) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         write(tmp)
+        sidecar = {"format": _FORMAT, "settings": json.loads(_canonical(settings)), "sha256": file_digest(tmp),
+                   **meta}
+        self._sidecar(path).unlink(missing_ok=True)  # the old sidecar never vouches for the new bytes
         tmp.replace(path)
         side_tmp = tmp.with_name(tmp.name + ".settings")
-        side_tmp.write_text(_canonical(settings))
+        side_tmp.write_text(json.dumps(sidecar, sort_keys=True, ensure_ascii=False))
         side_tmp.replace(self._sidecar(path))
 
     def has(self, tag: str, settings: Any, ext: str) -> bool:
-        """Whether a complete entry exists (raises if one exists for different settings under the same key)."""
+        """Whether a complete entry with the right content exists (raises if one exists for different settings
+        under the same key)."""
         return self._check(self.path(tag, settings, ext), settings)
 
-    def json(self, tag: str, settings: Any, compute: Callable[[], Any]) -> Any:
-        """``compute()`` once (its result must be JSON-serialisable), then read back. ``.last_hit`` says which."""
+    def json(self, tag: str, settings: Any, compute: Callable[[], Any],
+             validate: Callable[[Any], str | None] | None = None) -> Any:
+        """``compute()`` once (its result must be JSON-serialisable), then read back. ``.last_hit`` says which.
+        ``validate(value)`` returns why a value is not what the caller expects (``None`` when it is): a cached
+        value it rejects is recomputed with a warning; a computed one it rejects is an error."""
         path = self.path(tag, settings, "json")
         if self._check(path, settings):
-            self.last_hit = True
-            return json.loads(path.read_text())
+            value = json.loads(path.read_text())
+            problem = validate(value) if validate is not None else None
+            if problem is None:
+                self.last_hit = True
+                return value
+            self._stale(path, problem)
         value = compute()
-        self._write(path, settings, lambda p: p.write_text(json.dumps(value, default=str, ensure_ascii=False)))
+        text = json.dumps(value, default=str, ensure_ascii=False)
+        problem = validate(json.loads(text)) if validate is not None else None
+        if problem is not None:
+            raise ValueError(f"{tag}: the computed value is not what was expected: {problem}")
+        self._write(path, settings, lambda p: p.write_text(text))
         self.last_hit = False
         return json.loads(path.read_text())
 
-    def array(self, tag: str, settings: Any, compute: Callable[[], np.ndarray]) -> np.ndarray:
-        """``compute()`` once (a NumPy array or anything ``np.asarray`` takes), then read back from ``.npy``."""
+    def get_array(self, tag: str, settings: Any, shape=None, dtype=None) -> np.ndarray | None:
+        """The verified array of ``(tag, settings)``, or ``None`` when absent or not right (content digest, parse,
+        ``shape`` with ``None`` for any size, ``dtype``): then a warning names the file."""
         path = self.path(tag, settings, "npy")
-        if self._check(path, settings):
+        if not self._check(path, settings):
+            return None
+        try:
+            value = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            self._stale(path, f"it does not load ({err})")
+            return None
+        problem = _shape_problem(value, shape, dtype)
+        if problem is not None:
+            self._stale(path, f"it holds {problem}")
+            return None
+        return value
+
+    def array(self, tag: str, settings: Any, compute: Callable[[], np.ndarray], shape=None,
+              dtype=None) -> np.ndarray:
+        """``compute()`` once (a NumPy array or anything ``np.asarray`` takes), then read back from ``.npy``, verified
+        as :meth:`get_array` does."""
+        value = self.get_array(tag, settings, shape, dtype)
+        if value is not None:
             self.last_hit = True
-            return np.load(path)
+            return value
         value = np.asarray(compute())
+        problem = _shape_problem(value, shape, dtype)
+        if problem is not None:
+            raise ValueError(f"{tag}: the computed array has {problem}")
 
         def write(p: Path) -> None:
             with open(p, "wb") as f:
                 np.save(f, value)
 
-        self._write(path, settings, write)
+        self._write(self.path(tag, settings, "npy"), settings, write, shape=list(value.shape), dtype=str(value.dtype))
         self.last_hit = False
         return value

@@ -10,13 +10,15 @@ when a config is built).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "coerce_value", "DATA_KINDS", "FORWARD_LAYOUTS", "REFERENCE_MODES"]
+__all__ = ["TrainConfig", "coerce_value", "DATA_KINDS", "FORWARD_LAYOUTS", "REFERENCE_MODES", "NOT_RESULT_KEYS",
+           "RESUME_MAY_CHANGE", "result_settings", "run_identity"]
 
 #: What the training rows are: "reward" (K scored responses), "pairwise" (chosen / rejected), "auto" (from the data).
 DATA_KINDS = ("auto", "reward", "pairwise")
@@ -83,6 +85,7 @@ class TrainConfig:
 
     # --- bookkeeping
     output_dir: str = "runs/paper_ultrafeedback_nca"  # adapter, metrics.jsonl, config.yaml, trends.png
+    overwrite_output_dir: bool = False  # a fresh run into a folder holding another run: replace it (else refused)
     logging_steps: int = 1  # log every optimizer step
     save_steps: int = 0  # checkpoint every N steps (0 = only the final adapter)
     save_total_limit: int | None = 2  # keep at most N checkpoints
@@ -96,34 +99,67 @@ class TrainConfig:
     save_figure: bool = True  # write trends.png (loss, likelihood change, implicit rewards) at the end
 
     def __post_init__(self):
+        self.lora_target_modules = tuple(self.lora_target_modules) if isinstance(self.lora_target_modules,
+                                                                                  (list, tuple)) \
+            else self.lora_target_modules
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every setting before any work; a ``ValueError`` names the key. The one place a run's settings are
+        checked: types first, then each value's range, then the settings that must agree with each other."""
         from nca_kit.losses import check_loss_type  # torch: not needed to parse the command line
 
-        self.lora_target_modules = tuple(self.lora_target_modules)
+        _check_types(self)
         self.loss_type = check_loss_type(self.loss_type)
-        if self.data_kind not in DATA_KINDS:
-            raise ValueError(f"data_kind must be one of {DATA_KINDS}, got {self.data_kind!r}")
-        if self.reference not in REFERENCE_MODES:
-            raise ValueError(f"reference must be one of {REFERENCE_MODES}, got {self.reference!r}")
-        if self.logps_forward not in FORWARD_LAYOUTS:
-            raise ValueError(f"logps_forward must be one of {FORWARD_LAYOUTS}, got {self.logps_forward!r}")
-        if self.compute_dtype not in (None, "bfloat16", "float16", "float32"):
-            raise ValueError(f"compute_dtype must be bfloat16, float16, float32 or None, got {self.compute_dtype!r}")
-        if self.overflow not in ("error", "skip"):
-            raise ValueError(f"overflow must be 'error' or 'skip', got {self.overflow!r}")
+        choices = {"data_kind": DATA_KINDS, "reference": REFERENCE_MODES, "logps_forward": FORWARD_LAYOUTS,
+                   "overflow": ("error", "skip"), "on_invalid": ("raise", "skip"),
+                   "compute_dtype": (None, "bfloat16", "float16", "float32")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                what = f"{allowed[0]!r} or {allowed[1]!r}" if len(allowed) == 2 else f"one of {allowed}"
+                raise ValueError(f"{name} must be {what}, got {getattr(self, name)!r}")
         for name in ("batch_size", "per_device_batch_size", "max_prompt_length", "max_length", "logging_steps",
-                     "reference_chunk_rows"):
+                     "reference_chunk_rows", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.on_invalid not in ("raise", "skip"):
-            raise ValueError(f"on_invalid must be 'raise' or 'skip', got {self.on_invalid!r}")
+        for name in ("reference_batch_size", "save_total_limit", "max_train_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, or None ({_NONE_MEANS[name]}), got {value!r}")
+        for name in ("save_steps", "dataloader_num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        # numbers: (lowest, lowest allowed itself, highest or None, highest allowed itself)
+        ranges = {"alpha": (0, True, None, False), "beta": (0, False, None, False),
+                  "learning_rate": (0, False, None, False), "weight_decay": (0, True, None, False),
+                  "max_grad_norm": (0, True, None, False), "num_train_epochs": (0, False, None, False),
+                  "lora_dropout": (0, True, 1, False), "warmup_ratio": (0, True, 1, False),
+                  "lora_alpha": (0, False, None, False)}
+        for name, (low, low_ok, high, high_ok) in ranges.items():
+            value = getattr(self, name)
+            ok = math.isfinite(value) and (value >= low if low_ok else value > low) and (
+                high is None or (value <= high if high_ok else value < high))
+            if not ok:
+                bound = (">= " if low_ok else "> ") + str(low)
+                if high is not None:
+                    bound = f"in [{low}, {high})" if low_ok else f"in ({low}, {high})"
+                raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed!r}")
+        for name in ("model_name", "dataset", "output_dir", "optim", "lr_scheduler_type", "dataset_split"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name} must not be empty (got {getattr(self, name)!r})")
+        if self.resume_from_checkpoint is not None and not self.resume_from_checkpoint.strip():
+            raise ValueError("resume_from_checkpoint must be a checkpoint folder, 'latest' or None, got ''")
+        if self.use_lora and not self.lora_target_modules:
+            raise ValueError("lora_target_modules must name at least one module when use_lora is true")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be >= 1, or -1 to train num_train_epochs, got {self.max_steps!r}")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ValueError(f"max_train_samples must be >= 1, or None for all prompts, got {self.max_train_samples!r}")
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
-        if not (0 <= self.warmup_ratio < 1):
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.batch_size % self.per_device_batch_size:
+            raise ValueError(f"batch_size={self.batch_size} is not a multiple of per_device_batch_size="
+                             f"{self.per_device_batch_size}")
 
     # -- dict / YAML round trip ---------------------------------------------------------------------------------
 
@@ -170,6 +206,81 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **{_field_key(k): coerce_value(_field_key(k), v) for k, v in changes.items()})
+
+
+_NONE_MEANS = {"reference_batch_size": "per_device_batch_size", "save_total_limit": "keep every checkpoint",
+               "max_train_samples": "all prompts"}
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Every field holds a value of its declared type (an int where a float is declared is fine; a bool is never
+    a number); the error names the key."""
+    hints = typing.get_type_hints(TrainConfig)
+    for name in TrainConfig.field_names():
+        value, hint = getattr(config, name), hints[name]
+        if not _is_instance(value, hint):
+            raise ValueError(f"{name} must be of type {_type_name(hint)}, got {type(value).__name__} {value!r}")
+
+
+def _is_instance(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return "a list of strings"
+    return "None" if hint is type(None) else hint.__name__
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Run identity: which settings make a run's result
+# --------------------------------------------------------------------------------------------------------------------
+
+#: Settings that never change what a run computes: where it writes, how often it logs and saves, progress bars,
+#: how the cached reference pass is batched (its numbers are the same), and the resume / overwrite switches
+#: themselves. They are not part of a run's identity.
+NOT_RESULT_KEYS = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_steps", "save_steps",
+                   "save_total_limit", "disable_tqdm", "report_to", "dataloader_num_workers", "save_figure",
+                   "reference_batch_size", "reference_chunk_rows")
+
+#: Result settings that a resumed run may still change: the run's length (``max_steps``, ``num_train_epochs``;
+#: never below the checkpoint's step; the learning-rate schedule then follows the new length from the checkpoint
+#: on) and the memory knobs that leave the maths alone (``per_device_batch_size``: same global ``batch_size``,
+#: another accumulation split; ``gradient_checkpointing``). Any other difference from the checkpoint's settings is
+#: refused, naming the keys.
+RESUME_MAY_CHANGE = ("max_steps", "num_train_epochs", "per_device_batch_size", "gradient_checkpointing")
+
+
+def result_settings(config: TrainConfig | dict) -> dict:
+    """The settings of ``config`` that change a run's result (every key but :data:`NOT_RESULT_KEYS`)."""
+    values = config.to_dict() if isinstance(config, TrainConfig) else dict(config)
+    return {k: values[k] for k in sorted(values) if k not in NOT_RESULT_KEYS}
+
+
+def run_identity(config: TrainConfig | dict) -> str:
+    """A run's identity: the hash of :func:`result_settings` (16 hex digits)."""
+    import hashlib
+    import json
+
+    text = json.dumps(result_settings(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _field_key(key: str) -> str:

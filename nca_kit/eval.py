@@ -25,7 +25,7 @@ result as JSON so the unchanged base model is evaluated once per setting, not on
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -189,6 +189,8 @@ def evaluate_cached(cache_dir, model_fn, problems, *, tag: str, **kwargs) -> Eva
     the problems (ids, questions and answers) and every keyword argument but ``progress``, so a changed setting never
     reads a stale result. ``model_fn()`` returns ``(model, tokenizer)`` and is called only on a miss: a cached
     base-model evaluation skips even the model load. Returns the result; ``.cache_hit`` says which way it came.
+    A cached entry is verified by content (:class:`nca_kit.cache.Cache`) and must hold one row per problem asked
+    for, in order; otherwise it is recomputed with a warning naming the file.
     """
     problems = problems_from(problems)
     settings = {k: v for k, v in kwargs.items() if k != "progress"}
@@ -199,8 +201,19 @@ def evaluate_cached(cache_dir, model_fn, problems, *, tag: str, **kwargs) -> Eva
         model, tokenizer = model_fn()
         return asdict(evaluate(model, tokenizer, problems, **kwargs))
 
+    def validate(value) -> str | None:  # a cached result must be a whole evaluation of these problems
+        names = {f.name for f in fields(EvalResult)}
+        if not isinstance(value, dict) or set(value) != names:
+            return f"it does not hold the fields of an EvalResult ({sorted(names)})"
+        if value["n_prompts"] != len(problems) or len(value["rows"]) != len(problems):
+            return (f"it holds {value['n_prompts']} prompts and {len(value['rows'])} rows, "
+                    f"not the {len(problems)} asked for")
+        if [row.get("id") for row in value["rows"]] != [p.id for p in problems]:
+            return "its rows are for other problems than asked for"
+        return None
+
     cache = Cache(cache_dir)
-    result = EvalResult(**cache.json(f"eval_{tag}", settings, compute))
+    result = EvalResult(**cache.json(f"eval_{tag}", settings, compute, validate=validate))
     result.cache_hit = cache.last_hit
     return result
 

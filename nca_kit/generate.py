@@ -19,8 +19,10 @@ temperature ~0.8, and the deterministic rubric of :func:`nca_kit.tasks.score` gi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -120,18 +122,55 @@ def cache_path(settings: GenerationSettings, cache_dir: str | Path) -> Path:
 
 
 def _read(path: Path, settings: GenerationSettings) -> dict[str, list[dict]]:
-    payload = json.loads(path.read_text())
-    stored = payload.get("settings", {})
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise _BadCacheFile(f"it does not parse ({type(err).__name__}: {err})") from None
+    stored = payload.get("settings", {}) if isinstance(payload, dict) else {}
     if stored != asdict(settings):
         raise ValueError(f"cached file {path.name} holds settings {stored}, not {asdict(settings)}; delete it")
-    return {split: payload["splits"][split] for split in ("train", "test")}
+    try:
+        splits = {split: payload["splits"][split] for split in ("train", "test")}
+    except (KeyError, TypeError):
+        raise _BadCacheFile("it has no train and test splits") from None
+    problem = _content_problem(settings, splits, payload.get("digest"))
+    if problem is not None:
+        raise _BadCacheFile(problem)
+    return splits
+
+
+class _BadCacheFile(ValueError):
+    """A cached dataset file that is not the whole dataset of its settings (recomputed, with a warning)."""
+
+
+def _splits_digest(splits) -> str:
+    return hashlib.sha256(json.dumps(splits, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _content_problem(settings: GenerationSettings, splits, digest: str | None) -> str | None:
+    """Why ``splits`` are not the complete dataset of ``settings`` (``None`` when they are): the rows must be the
+    expected prompts, in order, with ``k`` responses and rewards each, and match the digest written with them."""
+    if digest is not None and digest != _splits_digest(splits):
+        return "its rows do not match the digest written with them (edited or damaged)"
+    train, test = train_test_prompts(settings.n_train, settings.n_test, seed=settings.prompt_seed)
+    for name, rows, problems in (("train", splits["train"], train), ("test", splits["test"], test)):
+        if not isinstance(rows, list) or len(rows) != len(problems):
+            n = len(rows) if isinstance(rows, list) else "no"
+            return f"its {name} split holds {n} rows, not the {len(problems)} of its settings"
+        if [row.get("id") if isinstance(row, dict) else None for row in rows] != [p.id for p in problems]:
+            return f"its {name} split holds other prompts than its settings make"
+    for row in splits["train"]:
+        if len(row.get("responses") or []) != settings.k or len(row.get("rewards") or []) != settings.k:
+            return f"train row {row.get('id')} does not hold k = {settings.k} responses and rewards"
+    return None
 
 
 def _write(path: Path, settings: GenerationSettings, splits: dict[str, list[dict]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     # One row per line keeps the file readable and its diffs small.
-    lines = ['{"settings": ' + json.dumps(asdict(settings), sort_keys=True) + ',', ' "splits": {']
+    lines = ['{"settings": ' + json.dumps(asdict(settings), sort_keys=True) + ',',
+             ' "digest": "' + _splits_digest(splits) + '",', ' "splits": {']
     for s, split in enumerate(("train", "test")):
         lines.append(f'  "{split}": [')
         rows = splits[split]
@@ -165,7 +204,9 @@ def load_or_generate(
     then in ``cache_dir``; if absent, samples it (loading ``settings.model_id`` with
     :func:`nca_kit.models.load_model` unless ``model``/``tokenizer`` are given) and writes it to ``cache_dir``.
     Sampling goes batch by batch, each batch appended to ``<file>.partial.jsonl``, so an interrupted run resumes
-    where it stopped. The returned ``DatasetDict`` carries ``.cache_hit`` (bool), ``.path`` (its file) and
+    where it stopped. A file found is checked by content (its digest, the expected prompts in order, ``k`` responses
+    each): a short, edited or damaged file is not used (a warning names it) and the dataset is generated again.
+    The returned ``DatasetDict`` carries ``.cache_hit`` (bool), ``.path`` (its file) and
     ``.complete`` (False when only a prefix was returned).
 
     ``train_prefix=n`` asks only for the first ``n`` train rows. If the complete file is absent but the partial file
@@ -177,7 +218,12 @@ def load_or_generate(
     for folder in (*search_dirs, cache_dir):
         path = Path(folder) / name
         if path.exists():
-            splits = _read(path, settings)
+            try:
+                splits = _read(path, settings)
+            except _BadCacheFile as err:
+                warnings.warn(f"cached dataset {path}: {err}; not used (generated again into {cache_dir})",
+                              stacklevel=2)
+                continue
             hit = True
             break
     else:

@@ -189,7 +189,8 @@ class RewardCollator:
         ``attention_mask`` ``(N, T)``: 1 on real tokens;
         ``loss_mask`` ``(N, T)`` bool: ``True`` exactly on response tokens (EOS included; prompt and padding not);
         ``response_mask`` ``(B, K)`` bool: ``True`` for real responses (K = the largest count in the batch);
-        ``rewards`` ``(B, K)`` float32 (0 in padded slots);
+        ``rewards`` ``(B, K)`` float64 (0 in padded slots): rewards that differ in the data stay different until
+        the soft labels are computed from them (:mod:`nca_kit.losses`);
         ``reference_logps`` ``(B, K)`` float32, when every record carries a cached ``reference_logps``;
         ``row_index`` ``(B,)``, when every record carries a ``row_index``.
 
@@ -223,11 +224,11 @@ class RewardCollator:
             attention_mask[row, : len(seq)] = 1
             loss_mask[row, p : len(seq)] = True
         response_mask = torch.zeros((b, k), dtype=torch.bool)  # (B, K)
-        rewards = torch.zeros((b, k), dtype=torch.float32)  # (B, K)
+        rewards = torch.zeros((b, k), dtype=torch.float64)  # (B, K): float64, exact until the soft labels
         for i, f in enumerate(features):
             ki = len(f["response_input_ids"])
             response_mask[i, :ki] = True
-            rewards[i, :ki] = torch.tensor([float(r) for r in f["rewards"]], dtype=torch.float32)
+            rewards[i, :ki] = torch.tensor([float(r) for r in f["rewards"]], dtype=torch.float64)
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

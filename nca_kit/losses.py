@@ -432,8 +432,9 @@ def ipo_pair_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float) -> 
 
 REWARD_LOSSES = {
     "infonca": lambda model_rewards, rewards, mask, alpha: infonca_loss(
-        model_rewards, _soft_labels(rewards, alpha, mask), mask),
-    "nca": lambda model_rewards, rewards, mask, alpha: nca_loss(model_rewards, _soft_labels(rewards, alpha, mask), mask),
+        model_rewards, _soft_labels(rewards, alpha, mask).to(model_rewards.dtype), mask),
+    "nca": lambda model_rewards, rewards, mask, alpha: nca_loss(
+        model_rewards, _soft_labels(rewards, alpha, mask).to(model_rewards.dtype), mask),
     "dpo_best_vs_rest": lambda model_rewards, rewards, mask, alpha: dpo_best_vs_rest_loss(model_rewards, rewards, mask),
     "dpo_all_pairs": lambda model_rewards, rewards, mask, alpha: dpo_all_pairs_loss(model_rewards, rewards, mask),
 }

@@ -6,8 +6,10 @@ for booleans, ``none`` for optional fields, ``a,b,c`` or ``[a, b, c]`` for lists
 lists the valid ones. Several GPUs: ``accelerate launch -m nca_kit.train --config ...``.
 
 The output folder (``output_dir``) receives the PEFT adapter, ``metrics.jsonl``, ``config.yaml`` (the resolved
-config) and ``trends.png``. Setup errors (missing model or data, 4-bit where bitsandbytes cannot run, ...) print one line and exit
-with status 1; ``NCA_KIT_DEBUG=1`` shows the traceback instead.
+config), ``run.json`` (the run identity, :mod:`nca_kit.run_folder`) and ``trends.png``. Setup errors (missing model
+or data, 4-bit where bitsandbytes cannot run, a locked or foreign output folder, ...) print one line and exit with status 1;
+``NCA_KIT_DEBUG=1`` shows the traceback instead. Ctrl-C prints one line naming the checkpoint to resume from and
+exits with status 130.
 """
 
 from __future__ import annotations
@@ -78,15 +80,31 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = train(config)
+    except KeyboardInterrupt:
+        if os.environ.get("NCA_KIT_DEBUG"):
+            raise
+        print(f"\ninterrupted; {_resume_hint(config)}", file=sys.stderr)
+        return 130
     except (OSError, ImportError, RuntimeError, ValueError) as err:
         if os.environ.get("NCA_KIT_DEBUG"):
             raise
         print(f"error: {err}\n(set NCA_KIT_DEBUG=1 to see the traceback)", file=sys.stderr)
         return 1
     final = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
-    print(f"trained {len(result.losses)} steps on {result.n_train_prompts} prompts; final loss {final}; "
+    print(f"trained {result.steps} steps on {result.n_train_prompts} prompts; final loss {final}; "
           f"outputs in {result.output_dir}")
     return 0
+
+
+def _resume_hint(config: TrainConfig) -> str:
+    """One line: the checkpoint an interrupted run resumes from, or that there is none."""
+    from nca_kit.run_folder import checkpoint_problem, checkpoints
+
+    complete = [p for p in checkpoints(config.output_dir) if checkpoint_problem(p) is None]
+    if not complete:
+        return (f"no complete checkpoint in {config.output_dir} (save_steps={config.save_steps}); "
+                f"rerun with --overwrite_output_dir true to start over")
+    return f"resume from {complete[-1]} with the same command and --resume_from_checkpoint latest"
 
 
 if __name__ == "__main__":

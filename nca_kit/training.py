@@ -295,15 +295,16 @@ class NCATrainer(Trainer):
                           not main or len(chunks) < 2):
             part = dataset.select(range(start, min(start + chunk_rows, len(dataset))))
             settings = stored = None
+            shape = (len(part), int(counts[start : start + len(part)].max(initial=0)))  # what this chunk must hold
             if cache is not None:
                 settings = {**identity, "rows": [start, start + len(part)], "tokens": _token_digest(part)}
-                if main and cache.has("reference_logps", settings, "npy"):
-                    stored = np.load(cache.path("reference_logps", settings, "npy"))
+                if main:  # verified by content, shape and dtype; anything else is recomputed with a warning
+                    stored = cache.get_array("reference_logps", settings, shape=shape, dtype=np.float32)
                 stored = broadcast_object_list([stored])[0]  # every process follows the main one's cache
             if stored is None:
                 stored = self._predict_reference(part, batch_size)
                 if cache is not None and main:
-                    cache.array("reference_logps", settings, lambda: stored)
+                    cache.array("reference_logps", settings, lambda: stored, shape=shape, dtype=np.float32)
             values[start : start + len(part), : stored.shape[1]] = stored
         self.accelerator.wait_for_everyone()
         self._forget_evaluation_preparation()
@@ -366,6 +367,23 @@ class NCATrainer(Trainer):
             return [self.args.device]
         return []
 
+    # -- checkpoints carry the run's identity -----------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, then ``run.json`` (the run identity, its settings and data digest) written last:
+        a checkpoint without it is incomplete (:func:`nca_kit.run_folder.checkpoint_problem`)."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        from nca_kit.run_folder import write_run_record
+
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            run_folder = getattr(self, "run_folder", None)
+            record = run_folder.record() if run_folder is not None else {"identity": None, "settings": None,
+                                                                           "data": None}
+            write_run_record(folder, record)
+
 
 class EpochLengthGroupedSampler(LengthGroupedSampler):
     """Length-grouped order drawn from its own generator seeded with ``seed + epoch``; ``batch_size`` is the global
@@ -422,6 +440,17 @@ def _token_digest(dataset) -> str:
     return digest.hexdigest()[:16]
 
 
+def _data_digest(dataset) -> str:
+    """Hash of the tokenized training data: token ids (:func:`_token_digest`) and rewards (as float64)."""
+    table = dataset.select_columns(["rewards"]).with_format("arrow")[:]
+    rewards = pc.list_flatten(table.column(0).combine_chunks()).cast(pa.float64())
+    lengths = pc.list_value_length(table.column(0).combine_chunks())
+    digest = hashlib.sha256(_token_digest(dataset).encode())
+    digest.update(lengths.to_numpy(zero_copy_only=False).tobytes())
+    digest.update(rewards.to_numpy(zero_copy_only=False).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _metric_order(name: str):
     if name.startswith("rewards/A"):
         return (0, int(name[len("rewards/A"):]), name)
@@ -431,6 +460,17 @@ def _metric_order(name: str):
 # --------------------------------------------------------------------------------------------------------------------
 # Callbacks
 # --------------------------------------------------------------------------------------------------------------------
+
+
+class _RunStart(TrainerCallback):
+    """When training starts (data read, model loaded, reference computed, checkpoint restored): the run folder
+    replaces a previous run's files and writes ``config.yaml`` and ``run.json``. Listed before the metrics callback."""
+
+    def __init__(self, run_folder):
+        self.run_folder = run_folder
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.run_folder.start()
 
 
 class MetricsJsonlCallback(TrainerCallback):
@@ -471,14 +511,26 @@ def _jsonable(v):
 
 
 def read_metrics(path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` (an empty list when the file does not exist)."""
+    """The records of a ``metrics.jsonl`` (an empty list when the file does not exist). A torn last line (a run killed
+    while writing it) is left out with a warning; a damaged line before the last is an error naming it."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    lines = path.read_text().split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if not any(rest.strip() for rest in lines[number:]):  # the last line, cut short by a kill mid-write
+                warnings.warn(f"{path}: ignoring its torn last line {number} ({line[:40]!r}...)", stacklevel=2)
+                break
+            raise ValueError(f"{path} line {number} is not JSON ({line[:40]!r}...); the file is damaged") from None
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -497,6 +549,7 @@ class TrainResult:
     n_train_prompts: int
     adapter_dir: Path | None
     figure_path: Path | None
+    steps: int | None = None  # optimizer steps of the run (the checkpoint's included when resumed)
     model: Any = field(default=None, repr=False)
     tokenizer: Any = field(default=None, repr=False)
     trainer: Any = field(default=None, repr=False)
@@ -558,21 +611,6 @@ def build_training_arguments(config: TrainConfig) -> TrainingArguments:
     )
 
 
-def _checkpoints(output_dir) -> tuple[list[Path], list[Path]]:
-    """``(complete, partial)`` ``checkpoint-N`` folders of ``output_dir``, by step. Complete = holds
-    ``trainer_state.json``, which the Trainer writes last: a save cut short (SIGTERM, full disk) has none."""
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    found = []
-    if os.path.isdir(output_dir):
-        for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-            if path.is_dir() and path.name.split("-")[-1].isdigit():
-                found.append((int(path.name.split("-")[-1]), path))
-    found = [path for _, path in sorted(found)]
-    return ([p for p in found if (p / "trainer_state.json").is_file()],
-            [p for p in found if not (p / "trainer_state.json").is_file()])
-
-
 def prepare_model(config: TrainConfig, model=None, tokenizer=None):
     """``(model, tokenizer, reference_model)`` for training.
 
@@ -608,23 +646,28 @@ def prepare_model(config: TrainConfig, model=None, tokenizer=None):
 
 
 def build_trainer(config: TrainConfig, args: TrainingArguments, model, tokenizer, dataset, kind: str,
-                  reference_model=None, callbacks=None) -> NCATrainer:
-    """Tokenize ``dataset``, write ``config.yaml``, and return the :class:`NCATrainer` ready to train (its
-    ``train_dataset`` carries the cached reference log-probs when ``config.reference == "cached"``)."""
+                  reference_model=None, callbacks=None, run_folder=None) -> NCATrainer:
+    """Tokenize ``dataset`` and return the :class:`NCATrainer` ready to train (its ``train_dataset`` carries the
+    cached reference log-probs when ``config.reference == "cached"``). ``config.yaml`` and ``run.json`` are written
+    when training starts (``run_folder``, a :class:`nca_kit.run_folder.RunFolder`, checks the tokenized data
+    against a checkpoint's first)."""
+    from nca_kit.run_folder import RunFolder
+
     tokenized = tokenize_reward_dataset(dataset, tokenizer, max_prompt_length=config.max_prompt_length,
                                         max_length=config.max_length, overflow=config.overflow)
     if len(tokenized) == 0:
         raise ValueError("no training prompts left after tokenization")
     output_dir = Path(config.output_dir)
-    if args.process_index == 0:
-        config.to_yaml(output_dir / "config.yaml")
+    if run_folder is None:
+        run_folder = RunFolder(config, main_process=args.process_index == 0)
+    run_folder.check_data(_data_digest(tokenized))
     trainer = NCATrainer(
         model=model,
         args=args,
         train_dataset=tokenized,
         data_collator=RewardCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[MetricsJsonlCallback(output_dir / "metrics.jsonl"), *(callbacks or [])],
+        callbacks=[_RunStart(run_folder), MetricsJsonlCallback(output_dir / "metrics.jsonl"), *(callbacks or [])],
         loss_type=config.loss_type,
         alpha=config.alpha,
         beta=config.beta,
@@ -633,39 +676,12 @@ def build_trainer(config: TrainConfig, args: TrainingArguments, model, tokenizer
         reference_model=reference_model,
         logps_forward=config.logps_forward,
     )
+    trainer.run_folder = run_folder
     if config.reference == "cached":
         trainer.train_dataset = trainer.precompute_reference_logps(tokenized, config.reference_batch_size,
                                                                    cache_dir=output_dir / "reference_logps",
                                                                    chunk_rows=config.reference_chunk_rows)
     return trainer
-
-
-def _resume_checkpoint(config: TrainConfig) -> str | None:
-    """The checkpoint to resume from: ``resume_from_checkpoint`` itself, or for ``"latest"`` the newest *complete*
-    checkpoint of ``output_dir`` (newer incomplete ones are skipped with a warning naming them). ``"latest"`` on a
-    folder that holds a run but no complete checkpoint is an error: training would start over and overwrite it."""
-    resume = config.resume_from_checkpoint
-    if resume is None:
-        return None
-    if resume != "latest":
-        if not (Path(resume) / "trainer_state.json").is_file():
-            raise ValueError(f"resume_from_checkpoint={resume!r} is not a complete checkpoint (no trainer_state.json)")
-        return resume
-    complete, partial = _checkpoints(config.output_dir)
-    newest = int(complete[-1].name.split("-")[-1]) if complete else -1
-    skipped = [p.name for p in partial if int(p.name.split("-")[-1]) > newest]
-    if skipped:
-        warnings.warn(f"resume_from_checkpoint='latest': skipping incomplete {', '.join(skipped)} in "
-                      f"{config.output_dir} (no trainer_state.json: the save was interrupted)", stacklevel=3)
-    if complete:
-        return str(complete[-1])
-    output_dir = Path(config.output_dir)
-    if any((output_dir / name).exists() for name in ("metrics.jsonl", "config.yaml", "adapter_config.json")):
-        raise ValueError(f"resume_from_checkpoint='latest' but {output_dir} holds a run and no complete checkpoint "
-                         f"(checkpoints are written only when save_steps > 0); training again would overwrite it: "
-                         f"use another output_dir, or drop resume_from_checkpoint to retrain on purpose")
-    warnings.warn(f"resume_from_checkpoint='latest': {output_dir} has no run yet; starting fresh", stacklevel=3)
-    return None
 
 
 def finish_run(config: TrainConfig, trainer: NCATrainer) -> TrainResult:
@@ -692,6 +708,7 @@ def finish_run(config: TrainConfig, trainer: NCATrainer) -> TrainResult:
         n_train_prompts=len(trainer.train_dataset),
         adapter_dir=output_dir if hasattr(unwrap_model(trainer.model), "disable_adapter") else None,
         figure_path=figure_path,
+        steps=int(trainer.state.global_step),
         model=trainer.model,
         tokenizer=trainer.processing_class,
         trainer=trainer,
@@ -714,19 +731,28 @@ def train(config: TrainConfig, *, model=None, tokenizer=None, dataset=None, call
     model without LoRA) with the tokenizer, ``trends.png``, ``checkpoint-*`` folders when ``save_steps > 0``, and
     ``reference_logps/`` (the cached reference, per chunk of prompts: a rerun or an interrupted pass reads it back).
     ``resume_from_checkpoint="latest"`` resumes from the newest complete checkpoint and refuses a folder holding a
-    run without one.
+    run without one. The folder belongs to this run (:mod:`nca_kit.run_folder`): locked while it trains, a resume
+    must fit the checkpoint's settings and data, and a fresh run into another run's folder needs
+    ``overwrite_output_dir``; ``run.json`` (identity, settings, data digest) is written there and into every
+    checkpoint.
     """
     from transformers import set_seed
 
+    from nca_kit.run_folder import RunFolder
+
+    config.validate()  # a config changed after it was built is checked again, before any work
     set_seed(config.seed)  # before the adapters are created: their initialisation is part of the run
     args = build_training_arguments(config)
-    resume = _resume_checkpoint(config)  # before anything is written into output_dir
-    with _progress_bars(enabled=not config.disable_tqdm):
-        dataset, kind = prepare_data(config, dataset)
-        model, tokenizer, reference_model = prepare_model(config, model, tokenizer)
-        trainer = build_trainer(config, args, model, tokenizer, dataset, kind, reference_model, callbacks)
-        trainer.train(resume_from_checkpoint=resume)
-        return finish_run(config, trainer)
+    run_folder = RunFolder(config, main_process=args.process_index == 0)
+    with run_folder.lock():  # a second run into this folder fails here, at once
+        resume = run_folder.resume_checkpoint()  # every check of the folder, before anything is read or written
+        with _progress_bars(enabled=not config.disable_tqdm):
+            dataset, kind = prepare_data(config, dataset)
+            model, tokenizer, reference_model = prepare_model(config, model, tokenizer)
+            trainer = build_trainer(config, args, model, tokenizer, dataset, kind, reference_model, callbacks,
+                                    run_folder=run_folder)
+            trainer.train(resume_from_checkpoint=resume)
+            return finish_run(config, trainer)
 
 
 @contextlib.contextmanager

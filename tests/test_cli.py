@@ -106,3 +106,59 @@ def test_optional_cpu_kernel_notice_of_bitsandbytes_is_dropped_and_others_pass()
     finally:
         logger.removeHandler(handler)
     assert [r.getMessage() for r in records] == ["some other bitsandbytes warning"]
+
+
+# issue 24, item 7: every setting checked before any work, the key named
+
+BAD_SETTINGS = [("beta", "-1"), ("beta", "nan"), ("alpha", "-0.5"), ("alpha", "nan"), ("learning_rate", "-1e-5"),
+                ("learning_rate", "nan"), ("reference_batch_size", "-1"), ("weight_decay", "nan"), ("output_dir", ""),
+                ("num_train_epochs", "0"), ("max_grad_norm", "inf"), ("lora_dropout", "1.5"), ("seed", "-1"),
+                ("save_steps", "-2"), ("save_total_limit", "0"), ("warmup_ratio", "1"), ("lora_r", "0"),
+                ("per_device_batch_size", "3"), ("resume_from_checkpoint", " ")]
+
+
+@pytest.mark.parametrize("key,value", BAD_SETTINGS, ids=[f"{k}={v}" for k, v in BAD_SETTINGS])
+def test_a_bad_setting_is_refused_before_any_work_naming_the_key(tmp_path, capsys, key, value):
+    out = tmp_path / "run"
+    args = ["--config", TINY, f"--{key}={value}"] + ([] if key == "output_dir" else ["--output_dir", str(out)])
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "error: " in err and key in err.split("error: ")[1] and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_setting_changed_after_the_config_was_built_is_checked_again(tmp_path):
+    from nca_kit.training import TrainConfig, train
+
+    config = TrainConfig.from_yaml(TINY, {"output_dir": str(tmp_path / "run")})
+    config.beta = float("nan")
+    with pytest.raises(ValueError, match="beta must be a finite number"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="weight_decay must be of type float"):
+        TrainConfig(weight_decay="0.1")
+
+
+def test_summary_counts_optimizer_steps_not_logged_rows(tmp_path, capsys):
+    assert main(["--config", TINY, "--output_dir", str(tmp_path / "run"), "--logging_steps", "3",
+                 "--save_figure", "false"]) == 0
+    assert "trained 4 steps on 12 prompts" in capsys.readouterr().out
+
+
+def test_ctrl_c_is_one_line_naming_the_checkpoint_and_exit_130(tmp_path, capsys, monkeypatch):
+    from nca_kit.training import NCATrainer
+
+    original = NCATrainer.training_step
+
+    def interrupted(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(NCATrainer, "training_step", interrupted)
+    out = tmp_path / "run"
+    code = main(["--config", TINY, "--output_dir", str(out), "--save_steps", "2", "--save_figure", "false"])
+    err = capsys.readouterr().err.strip()
+    assert code == 130 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"resume from {out / 'checkpoint-2'}" in err and "--resume_from_checkpoint latest" in err

@@ -172,3 +172,27 @@ def test_cli_corrupt_file_is_one_line(tmp_path, capsys):
     data.write_bytes(GOOD + b'{"id": "r2", "prompt": oops}\n')
     assert main(["--config", TINY, "--dataset", str(data), "--output_dir", str(tmp_path / "run")]) == 1
     assert capsys.readouterr().err.startswith(f"error: {data}, line 3, column 24: invalid JSON")
+
+
+# issue 24, item 6: rewards the loss cannot use exactly are refused at validation, the row named
+
+@pytest.mark.parametrize("reward", [10**400, -(10**400), 2**60, "1e400", "-1e999"])
+def test_a_reward_beyond_exact_float64_is_refused_naming_the_row(reward):
+    row = {"id": "big", "prompt": [{"role": "user", "content": "q"}], "responses": ["a", "b"],
+           "rewards": [1.0, reward]}
+    with pytest.raises(ValueError, match=r"reward_out_of_range at big\[1\]"):
+        D.load_training_dataset([row])
+    skipped, _ = D.load_training_dataset([row, {**row, "id": "ok", "rewards": [1.0, 2**53]}], on_invalid="skip",
+                                         min_responses=2)
+    assert skipped["id"] == ["ok"]
+
+
+def test_cli_huge_integer_reward_is_one_line(tmp_path, capsys):
+    data = tmp_path / "big.jsonl"
+    row = {"id": "huge", "prompt": [{"role": "user", "content": "q"}], "responses": ["a", "b"],
+           "rewards": [1, 10**400]}
+    data.write_bytes(GOOD + (json.dumps(row) + "\n").encode())
+    assert main(["--config", TINY, "--dataset", str(data), "--output_dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: reward_out_of_range at huge[1]") and "Traceback" not in err
+    assert len(err.splitlines()[0]) < 600 and not (tmp_path / "run").exists()

@@ -132,3 +132,38 @@ def test_average_logps_reaches_the_reference(tmp_path, reference):
                 row = rows[tuple(prompt_ids)]
                 want = [manual_logp(model, tokenizer, row["prompt"], r) for r in row["responses"]]
                 assert cached == pytest.approx([logp / n for logp, n in want], abs=1e-4)
+
+
+# issue 24, item 6: rewards stay exact until the loss
+
+def test_rewards_that_differ_only_in_float64_keep_their_order_in_the_loss():
+    """1e8 and 1e8 + 1 tie in float32; with alpha = 0.01 their labels differ by a factor e^100. The collator keeps
+    float64 and the soft labels are computed from it (on main: float32, a tie, labels 1/2 and 1/2)."""
+    from nca_kit.logps import RewardCollator
+    from nca_kit.losses import reward_loss, soft_labels
+
+    feature = {"prompt_input_ids": [1, 2], "response_input_ids": [[3], [4]], "rewards": [1e8, 1e8 + 1]}
+    batch = RewardCollator(0)([feature])
+    assert batch["rewards"].dtype == torch.float64 and batch["rewards"][0, 1] - batch["rewards"][0, 0] == 1
+    policy = torch.tensor([[-1.0, -2.0]])
+    reference = torch.tensor([[-1.5, -1.5]])
+    exact = torch.tensor([[0.0, 1.0]])  # softmax([0, 100]) to float32 precision
+    assert torch.allclose(soft_labels(batch["rewards"], 0.01).float(), exact)
+    for loss_type in ("nca", "infonca"):
+        losses, _ = reward_loss(policy, reference, batch["rewards"], alpha=0.01, beta=0.1, loss_type=loss_type)
+        want, _ = reward_loss(policy, reference, torch.tensor([[0.0, 1.0]], dtype=torch.float64), alpha=0.01,
+                              beta=0.1, loss_type=loss_type)
+        assert losses.dtype == torch.float32 and losses.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_rewards_beyond_float32_train(tmp_path):
+    """Rewards above float32's range are valid float64: the run trains (on main: a non-finite-rewards error two
+    steps in, naming no row)."""
+    rows = [{"prompt": msgs(f"Question {i}?"), "responses": [f"Answer {i}.", "No."], "rewards": [1e39, -1e39]}
+            for i in range(4)]
+    config = TrainConfig(model_name="tiny-mistral", dataset="<in memory>", dataset_layout=None,
+                         output_dir=str(tmp_path), batch_size=4, per_device_batch_size=4, max_steps=2, beta=0.1,
+                         alpha=0.5, warmup_ratio=0.0, max_prompt_length=32, max_length=64, disable_tqdm=True,
+                         save_figure=False)
+    result = train(config, dataset=datasets.Dataset.from_list(rows))
+    assert result.steps == 2 and all(math.isfinite(x) for x in result.losses)

@@ -184,3 +184,25 @@ def test_train_prefix_is_the_start_of_the_full_dataset(tiny, tmp_path):
     assert read.cache_hit and read["train"].to_list() == full["train"].to_list()[:4]
     from_full = load_or_generate(SMALL, cache_dir=tmp_path / "full", progress=False, verbose=False, train_prefix=2)
     assert from_full.cache_hit and len(from_full["train"]) == 2 and not from_full.complete
+
+
+def test_a_short_cached_dataset_is_not_returned_as_complete(tiny, tmp_path):
+    """Issue 24, item 4: a cached file cut short (or edited) is generated again, with a warning naming it."""
+    import json
+
+    model, tokenizer = tiny
+    first = load_or_generate(SMALL, cache_dir=tmp_path, model=model, tokenizer=tokenizer, progress=False,
+                             verbose=False)
+    payload = json.loads(first.path.read_text())
+    payload["splits"]["train"] = payload["splits"]["train"][:2]
+    payload.pop("digest")
+    first.path.write_text(json.dumps(payload))
+    with pytest.warns(UserWarning, match=f"{first.path.name}.*train split holds 2 rows, not the 5"):
+        again = load_or_generate(SMALL, cache_dir=tmp_path, model=model, tokenizer=tokenizer, progress=False,
+                                 verbose=False)
+    assert again.complete and not again.cache_hit and again["train"].to_list() == first["train"].to_list()
+    payload = json.loads(first.path.read_text())
+    payload["splits"]["train"][0]["rewards"][0] += 1.0  # an edited reward: the digest catches it
+    first.path.write_text(json.dumps(payload))
+    with pytest.warns(UserWarning, match="digest"):
+        load_or_generate(SMALL, cache_dir=tmp_path, model=model, tokenizer=tokenizer, progress=False, verbose=False)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import uuid
 from collections import Counter
@@ -332,6 +333,8 @@ SKIP_REASONS = {
     "missing_reward": "a reward or score is absent, null or 'N/A'",
     "nan_reward": "a reward or score is NaN or infinite",
     "unparseable_reward": "a reward or score is not a number",
+    "reward_out_of_range": "a reward or score the loss cannot use exactly: beyond float64's range, or an integer "
+                           "beyond 2**53 (not exact in float64, so rewards that differ could tie)",
     "identical_pair": "chosen and rejected are the same text",
     "too_few_responses": "fewer than min_responses valid responses remain for the prompt",
     # conversions (always counted, never raised)
@@ -351,6 +354,8 @@ class InvalidRecordError(ValueError):
 
     def __init__(self, reason: str, where: str, detail: str = "", source: str = ""):
         self.reason, self.where, self.detail = reason, where, detail
+        if len(detail) > 120:  # a 400-digit reward is named, not printed
+            detail = detail[:80] + f"... ({len(detail)} characters)"
         msg = f"{reason} at {where}" + (f" in {source}" if source else "") + (f" ({detail})" if detail else "")
         msg += f": {SKIP_REASONS.get(reason, '')}. Pass on_invalid='skip' to drop and count such items instead."
         super().__init__(msg)
@@ -488,21 +493,34 @@ def _contradicting_repeat(responses: Sequence, rewards: Sequence) -> int | None:
 _MISSING_STRINGS = {"", "n/a", "na", "none", "null"}
 
 
+#: Integers up to this magnitude are exact in float64, the precision rewards keep until the soft labels.
+MAX_EXACT_INT_REWARD = 2**53
+
+
 def _parse_reward(x) -> tuple[float | None, str | None]:
-    """``(value, None)`` for a finite number, else ``(None, reason)``."""
+    """``(value, None)`` for a number the loss can use exactly (a finite float64; an integer at most
+    :data:`MAX_EXACT_INT_REWARD` in magnitude), else ``(None, reason)``."""
     if x is None:
         return None, "missing_reward"
     if isinstance(x, bool):
         return None, "unparseable_reward"
     if isinstance(x, str):
-        if x.strip().lower() in _MISSING_STRINGS:
+        text = x.strip().lower()
+        if text in _MISSING_STRINGS:
             return None, "missing_reward"
         try:
-            x = float(x)
+            x = float(text)
         except ValueError:
             return None, "unparseable_reward"
+        if not math.isfinite(x) and "inf" not in text and "nan" not in text:
+            return None, "reward_out_of_range"  # a number written out, beyond float64 ("1e400")
+    if isinstance(x, numbers.Integral):
+        if abs(int(x)) > MAX_EXACT_INT_REWARD:
+            return None, "reward_out_of_range"
     try:
         value = float(x)
+    except OverflowError:
+        return None, "reward_out_of_range"
     except (TypeError, ValueError):
         return None, "unparseable_reward"
     if not math.isfinite(value):
