@@ -107,7 +107,8 @@ def timing(vocab: int, m: int, hidden: int, repeats: int) -> dict:
     diff = max(float((values["chunked"][i] - values["full"][i]).abs().max()) for i in range(2))
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"vocab": vocab, "m": m, "median_s": med, "max_abs_diff": diff,
-            "fwd_bwd_ratio": med["chunked_fwd_bwd"] / med["full_fwd_bwd"], "fwd_ratio": med["chunked_fwd"] / med["full_fwd"]}
+            "fwd_bwd_ratio": med["chunked_fwd_bwd"] / med["full_fwd_bwd"],
+            "fwd_ratio": med["chunked_fwd"] / med["full_fwd"]}
 
 
 def main(argv=None) -> dict:

@@ -29,10 +29,13 @@ import math
 import warnings
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 
 from nca_kit.data.schema import as_reward_row
-from nca_kit.packing import FORWARD_LAYOUTS, choose_layout, packed_states, shared_prompt_states, tree_prompt_states
+from nca_kit.losses import require
+from nca_kit.packing import (FORWARD_LAYOUTS, choose_layout, final_states, packed_states, shared_prompt_states,
+                             tree_prompt_states, tree_supported)
 
 __all__ = [
     "PromptTooLongError",
@@ -40,6 +43,8 @@ __all__ = [
     "tokenize_reward_record",
     "tokenize_reward_dataset",
     "RewardCollator",
+    "LayoutCollator",
+    "response_positions",
     "sequence_logps",
     "reference_logps",
     "compute_reference_logps",
@@ -243,7 +248,35 @@ class RewardCollator:
             for i, f in enumerate(features):
                 reference[i, : len(f["reference_logps"])] = torch.tensor(f["reference_logps"], dtype=torch.float32)
             batch["reference_logps"] = reference
+        batch.update(response_positions(loss_mask, response_mask))
         return batch
+
+
+class LayoutCollator:
+    """A collator followed by a host-side layout choice: adds ``batch["layout"]`` (a
+    :class:`nca_kit.packing.LayoutPlanner`'s pick), which ``sequence_logps(forward="auto")`` then uses instead of
+    choosing on the device. Picklable (DataLoader workers)."""
+
+    def __init__(self, collator, planner):
+        self.collator, self.planner = collator, planner
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict:
+        batch = self.collator(features)
+        batch["layout"] = self.planner(batch)
+        return batch
+
+
+def response_positions(loss_mask: torch.Tensor, response_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Index tensors that :func:`sequence_logps` would otherwise find on the device with ``nonzero`` (a host
+    synchronisation), computed per batch on the host with NumPy by :class:`RewardCollator`.
+
+    Returns ``target_rows``, ``target_cols`` ``(M,)``: the positions whose hidden state predicts a response token
+    (``loss_mask[:, 1:]``), row-major; ``owner`` ``(N,)``: the prompt ``b`` of each row.
+    """
+    rows, cols = np.nonzero(loss_mask[:, 1:].numpy())
+    owner = np.nonzero(response_mask.numpy())[0]
+    return {name: torch.from_numpy(index.astype(np.int64))
+            for name, index in (("target_rows", rows), ("target_cols", cols), ("owner", owner))}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -381,25 +414,27 @@ def sequence_logps(model, batch: dict, *, average: bool = False, selective: bool
     loss_mask = batch["loss_mask"].bool()  # (N, T)
     response_mask = batch["response_mask"].bool()  # (B, K)
     targets_mask = loss_mask[:, 1:]  # (N, T-1): position t predicts token t+1
-    if bool(loss_mask[:, 0].any()):
-        raise ValueError("loss_mask is True at position 0: a response needs a non-empty prompt before it")
+    require(~loss_mask[:, 0].any(), "loss_mask is True at position 0: a response needs a non-empty prompt before it")
     if forward not in FORWARD_LAYOUTS:
         raise ValueError(f"forward must be one of {FORWARD_LAYOUTS}, got {forward!r}")
     if not selective and forward not in ("padded", "auto"):
         raise ValueError(f"selective=False computes full logits of the padded batch; got forward={forward!r}")
-    if int(response_mask.sum()) != input_ids.shape[0]:
-        raise ValueError(f"response_mask has {int(response_mask.sum())} responses but the batch has "
-                         f"{input_ids.shape[0]} rows")
+    require(response_mask.sum() == input_ids.shape[0],
+            f"response_mask does not count the batch's {input_ids.shape[0]} rows (one True per response row)")
     if selective:
-        rows, cols = targets_mask.nonzero(as_tuple=True)  # (M,), (M,)
-        owner = response_mask.nonzero(as_tuple=True)[0].to(input_ids.device)  # (N,): prompt of each row
+        if "target_rows" in batch:  # found on the host by the collator (response_positions): no sync here
+            rows, cols, owner = batch["target_rows"], batch["target_cols"], batch["owner"]  # (M,), (M,), (N,)
+        else:
+            rows, cols = targets_mask.nonzero(as_tuple=True)  # (M,), (M,)
+            owner = response_mask.nonzero(as_tuple=True)[0].to(input_ids.device)  # (N,): prompt of each row
         if forward == "auto":
-            forward = choose_layout(model, attention_mask, loss_mask, owner)
+            planned = batch.get("layout")  # chosen on the host by LayoutCollator
+            if planned is None or (planned == "tree" and not tree_supported(model)):
+                planned = choose_layout(model, attention_mask, loss_mask, owner)
+            forward = planned
         if forward == "padded":
-            out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1,
-                        output_hidden_states=True, use_cache=False)
-            states = out.hidden_states[-1][rows, cols]  # (M, H), after the final norm
-            del out  # drop the per-layer hidden states
+            _, hidden = final_states(model, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            states = hidden[rows, cols]  # (M, H), after the final norm
         elif forward == "packed":
             states = packed_states(model, input_ids, attention_mask, rows, cols)  # (M, H)
         else:

@@ -43,7 +43,9 @@ which are what every log line and plot needs.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +57,8 @@ __all__ = [
     "REWARD_LOSSES",
     "PREFERENCE_LOSSES",
     "check_loss_type",
+    "device_checks",
+    "require",
     "soft_labels",
     "implicit_rewards",
     "reward_loss",
@@ -87,10 +91,47 @@ def _check_tensor(name: str, x) -> torch.Tensor:
     return x
 
 
+_CHECKS = threading.local()
+
+
+@contextlib.contextmanager
+def device_checks():
+    """Run the value checks of the losses on the tensors' device, without a host synchronisation.
+
+    Inside this context the checks that read tensor values (finite inputs, a finite loss, at least one response per
+    prompt) become ``torch._assert_async``: on a GPU the step is not held up and a failure surfaces at a later
+    synchronisation as a ``RuntimeError`` with the same message (without the counts, which would need the values on
+    the host); on the CPU they raise at once. Shape and type checks need no values and stay as they are. The trainer
+    runs its loss inside this context; direct calls keep the detailed synchronous messages.
+    """
+    before = getattr(_CHECKS, "device", False)
+    _CHECKS.device = True
+    try:
+        yield
+    finally:
+        _CHECKS.device = before
+
+
+def _on_device() -> bool:
+    return getattr(_CHECKS, "device", False)
+
+
+def require(condition: torch.Tensor, message: str, error: type[Exception] = ValueError) -> None:
+    """Raise ``error(message)`` unless the boolean tensor ``condition`` holds; inside :func:`device_checks` an
+    asynchronous device-side assertion instead (no host synchronisation)."""
+    if _on_device():
+        torch._assert_async(condition, message)
+    elif not bool(condition):
+        raise error(message)
+
+
 def _check_finite(name: str, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
     bad = ~torch.isfinite(x.detach())
     if mask is not None:
         bad = bad & mask
+    if _on_device():
+        torch._assert_async(~bad.any(), f"{name} contains NaN or inf values")
+        return
     if bool(bad.any()):
         what = "NaN" if bool(torch.isnan(x.detach())[bad].any()) else "inf"
         raise ValueError(f"{name} contains {what} values (at {int(bad.sum())} position(s))")
@@ -133,6 +174,11 @@ def _check_alpha(alpha) -> float:
 
 def _check_loss_finite(losses: torch.Tensor, beta: float) -> torch.Tensor:
     """Finite inputs must give a finite loss: say why not instead of returning NaN/inf."""
+    message = (f"the loss overflowed (non-finite) although its inputs are finite: beta = {beta!r} times the "
+               "log-ratio log(pi/mu) exceeds the float range; lower beta or check the log-probs")
+    if _on_device():
+        torch._assert_async(torch.isfinite(losses.detach()).all(), message)
+        return losses
     if not bool(torch.isfinite(losses.detach()).all()):
         raise ValueError(f"the loss overflowed (non-finite) although its inputs are finite: beta = {beta!r} times the "
                          "log-ratio log(pi/mu) exceeds the float range; lower beta or check the log-probs")
@@ -174,6 +220,9 @@ def _check_mask(mask, ref: torch.Tensor, ref_name: str = "policy_logps") -> torc
         raise ValueError(f"mask has shape {tuple(mask.shape)} but {ref_name} has shape {tuple(ref.shape)}")
     mask = mask.to(device=ref.device, dtype=torch.bool)
     empty = ~mask.any(dim=-1)
+    if _on_device():
+        torch._assert_async(~empty.any(), "mask has rows with no response; every prompt needs at least one")
+        return mask
     if bool(empty.any()):
         rows = torch.nonzero(empty).flatten().tolist()
         raise ValueError(f"mask has rows with no response (rows {rows[:10]}); every prompt needs at least one")

@@ -48,9 +48,11 @@ import torch
 from transformers import DynamicCache
 
 from nca_kit.config import FORWARD_LAYOUTS
+from nca_kit.losses import require
 
 __all__ = [
     "FORWARD_LAYOUTS",
+    "final_states",
     "cache_argument",
     "pack_sequences",
     "packed_states",
@@ -65,6 +67,7 @@ __all__ = [
     "tree_prompt_states",
     "layout_flops",
     "choose_layout",
+    "LayoutPlanner",
 ]
 
 
@@ -77,6 +80,43 @@ def _unwrap(model):
 
 def _hidden(out) -> torch.Tensor:
     return out.hidden_states[-1]  # (R, C, H): after the final norm
+
+
+def _decoder(model):
+    """The backbone (``LlamaModel`` etc.) whose output is the final hidden state, or None if it cannot be found."""
+    inner = _unwrap(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    try:
+        return inner.get_decoder() if hasattr(inner, "get_decoder") else None
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def final_states(model, **kwargs):
+    """``(output, last hidden state)`` of ``model(**kwargs, logits_to_keep=1)``, keeping only the last hidden state.
+
+    The forward goes through ``model`` itself (DDP's and PEFT's wrappers apply); a forward hook on the backbone reads
+    its ``last_hidden_state`` (after the final norm), so ``output_hidden_states=True`` and its per-layer states are not
+    needed (without gradient, nothing else would keep them alive). Falls back to ``output_hidden_states=True`` for a
+    model whose backbone ``get_decoder`` cannot find.
+    """
+    decoder = _decoder(model)
+    if decoder is None:
+        out = model(**kwargs, logits_to_keep=1, output_hidden_states=True)
+        return out, _hidden(out)
+    seen: list[torch.Tensor] = []
+
+    def keep(module, args, output):
+        seen.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = decoder.register_forward_hook(keep)
+    try:
+        out = model(**kwargs, logits_to_keep=1, output_hidden_states=False)
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise RuntimeError(f"expected one pass of the backbone per forward, saw {len(seen)}")
+    return out, seen[0]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -135,9 +175,8 @@ def packed_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     slot = torch.arange(width, device=device)  # (C,)
     positions = (slot[None, :] - used[:, None]).clamp(min=0)  # (R, C): tail positions
     positions = positions.reshape(-1).index_put((flat,), pos).view(n_rows, width)  # (R, C)
-    out = model(input_ids=packed_ids.view(n_rows, width), position_ids=positions, logits_to_keep=1,
-                output_hidden_states=True, use_cache=False)
-    hidden = _hidden(out)  # (R, C, H)
+    _, hidden = final_states(model, input_ids=packed_ids.view(n_rows, width), position_ids=positions,
+                             use_cache=False)  # (R, C, H)
     return hidden.reshape(n_rows * width, -1)[row_t[rows] * width + offset_t[rows] + cols]  # (M, H)
 
 
@@ -217,10 +256,10 @@ def encode_prefixes(model, ids: torch.Tensor, mask: torch.Tensor) -> EncodedPref
     """
     cache = PrefixCache()
     with _cache_safe_checkpointing(model):
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
-                    output_hidden_states=True, **{cache_argument(model): cache})
+        _, hidden = final_states(model, input_ids=ids, attention_mask=mask, use_cache=True,
+                                 **{cache_argument(model): cache})
     lengths = mask.sum(-1)  # (B,)
-    last = _hidden(out)[torch.arange(ids.shape[0], device=ids.device), lengths - 1]  # (B, H)
+    last = hidden[torch.arange(ids.shape[0], device=ids.device), lengths - 1]  # (B, H)
     return EncodedPrefixes(cache.keys_values(), mask, lengths, last)
 
 
@@ -239,10 +278,10 @@ def continue_from_prefixes(model, prefix: EncodedPrefixes, owner: torch.Tensor, 
         rows = [(k[owner], v[owner]) for k, v in prefix.keys_values]
     positions = prefix.lengths[owner, None] + torch.arange(ids.shape[1], device=ids.device)  # (N, T)
     with _cache_safe_checkpointing(model):
-        out = model(input_ids=ids, attention_mask=torch.cat([prefix.mask[owner], mask], dim=1),  # (N, P + T)
-                    position_ids=positions, use_cache=True, logits_to_keep=1, output_hidden_states=True,
-                    **{cache_argument(model): PrefixCache(rows)})
-    return _hidden(out)  # (N, T, H)
+        _, hidden = final_states(model, input_ids=ids,
+                                 attention_mask=torch.cat([prefix.mask[owner], mask], dim=1),  # (N, P + T)
+                                 position_ids=positions, use_cache=True, **{cache_argument(model): PrefixCache(rows)})
+    return hidden  # (N, T, H)
 
 
 def shared_prompt_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
@@ -275,8 +314,7 @@ def shared_prompt_states(model, input_ids: torch.Tensor, attention_mask: torch.T
     hidden = continue_from_prefixes(model, prefix, owner, r_ids, r_mask)  # (N, R, H)
     # position t of row n: t = prompt_len - 1 is the prompt's last token, t >= prompt_len is response token t - P
     local = cols - prompt_len[rows]  # (M,): -1 for the prompt's last token
-    if bool((local < -1).any()):
-        raise ValueError("shared_prompt_states: a wanted position lies inside the prompt")
+    require(~(local < -1).any(), "shared_prompt_states: a wanted position lies inside the prompt")
     states = hidden[rows, local.clamp(min=0)]  # (M, H)
     return torch.where((local < 0)[:, None], prefix.last[owner[rows]], states)  # (M, H)
 
@@ -345,9 +383,8 @@ def tree_states(model, prefixes, continuations) -> tuple[torch.Tensor, torch.Ten
     allowed = causal & (seg_k >= 0) & ((seg_k == seg_q) | (seg_k == 0))  # (B, L, L)
     allowed |= torch.eye(width, dtype=torch.bool, device=device)  # a padding query sees itself: no empty softmax row
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    out = model(input_ids=ids_t, attention_mask=mask[:, None], position_ids=pos_t, logits_to_keep=1,
-                output_hidden_states=True, use_cache=False)
-    hidden = _hidden(out)  # (B, L, H)
+    _, hidden = final_states(model, input_ids=ids_t, attention_mask=mask[:, None], position_ids=pos_t,
+                             use_cache=False)  # (B, L, H)
     t_max = max(length for *_, length in starts)
     row = torch.tensor([s[0] for s in starts], device=device)  # (N,)
     prefix_last = torch.tensor([s[1] - 1 for s in starts], device=device)  # (N,)
@@ -383,8 +420,7 @@ def tree_prompt_states(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         continuations[-1].append(ids[n][p_list[n]:s_list[n]])
     states, _, _ = tree_states(model, prefixes, continuations)  # (N, R + 1, H)
     local = cols + 1 - prompt_len[rows]  # (M,): state index t predicts response token t
-    if bool((local < 0).any()):
-        raise ValueError("tree_prompt_states: a wanted position lies inside the prompt")
+    require(~(local < 0).any(), "tree_prompt_states: a wanted position lies inside the prompt")
     return states[rows, local]  # (M, H)
 
 
@@ -417,6 +453,11 @@ def layout_flops(model, attention_mask: torch.Tensor, loss_mask: torch.Tensor, o
     The tree layout is left out when the attention implementation cannot take its mask.
     """
     per_token, per_pair = _flop_rates(model)
+    return _layout_costs(per_token, per_pair, tree_supported(model), attention_mask, loss_mask, owner)
+
+
+def _layout_costs(per_token: float, per_pair: float, tree: bool, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                  owner: torch.Tensor) -> dict[str, float]:
     lengths = attention_mask.sum(-1).tolist()  # (N,)
     n, width = attention_mask.shape
 
@@ -427,7 +468,7 @@ def layout_flops(model, attention_mask: torch.Tensor, loss_mask: torch.Tensor, o
     longest = max(lengths)
     rows, _ = pack_sequences(lengths, longest)
     costs["packed"] = cost(max(rows) + 1, longest)
-    if tree_supported(model):
+    if tree:
         prompt = loss_mask.int().argmax(-1).tolist()  # (N,)
         per_prompt: dict[int, int] = {}
         for b, p, length in zip(owner.tolist(), prompt, lengths):
@@ -440,3 +481,19 @@ def choose_layout(model, attention_mask: torch.Tensor, loss_mask: torch.Tensor, 
     """The layout of :func:`layout_flops` with the fewest estimated FLOPs (``padded`` on a tie)."""
     costs = layout_flops(model, attention_mask, loss_mask, owner)
     return min(costs, key=lambda name: (costs[name], name != "padded"))
+
+
+class LayoutPlanner:
+    """:func:`choose_layout` for a batch on the host, before it reaches the device (no synchronisation in the
+    forward). Keeps only the numbers it needs from the model (FLOP rates, whether the tree mask is taken), so it
+    pickles into DataLoader workers without the model."""
+
+    def __init__(self, model):
+        self.per_token, self.per_pair = _flop_rates(model)
+        self.tree = tree_supported(model)
+
+    def __call__(self, batch: dict) -> str:
+        owner = batch["owner"] if "owner" in batch else batch["response_mask"].nonzero(as_tuple=True)[0]
+        costs = _layout_costs(self.per_token, self.per_pair, self.tree, batch["attention_mask"], batch["loss_mask"],
+                              owner)
+        return min(costs, key=lambda name: (costs[name], name != "padded"))

@@ -44,7 +44,6 @@ import json
 import math
 import os
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,13 +58,15 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 from nca_kit.config import REFERENCE_MODES, TrainConfig, coerce_value  # noqa: F401  (re-exported)
 from nca_kit.data import load_training_dataset
 from nca_kit.logps import (
+    LayoutCollator,
     RewardCollator,
     reference_logps,
     sequence_logps,
     tokenize_reward_dataset,
     unwrap_model,
 )
-from nca_kit.losses import check_loss_type, preference_loss, reward_loss
+from nca_kit.losses import check_loss_type, device_checks, preference_loss, require, reward_loss
+from nca_kit.packing import LayoutPlanner
 
 __all__ = [
     "TrainConfig",
@@ -109,11 +110,12 @@ def prepare_data(config: TrainConfig, dataset=None):
 
 
 def batch_metrics(policy: torch.Tensor, reference: torch.Tensor, model_rewards: torch.Tensor, rewards: torch.Tensor,
-                  mask: torch.Tensor) -> dict[str, tuple[float, int]]:
+                  mask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-batch metric sums and counts ``{name: (sum over prompts, number of prompts)}`` (see module docstring).
 
     All inputs ``(B, K)``; ``mask`` marks real responses. Responses are ranked by data reward, best first (stable:
-    ties keep their order). Sums and counts, not means, so that steps and processes combine exactly.
+    ties keep their order). Sums and counts, not means, so that steps and processes combine exactly. Both are 0-d
+    float32 tensors on the inputs' device (nothing is read back to the host here).
     """
     policy, reference, model_rewards = policy.detach().float(), reference.detach().float(), model_rewards.float()
     rewards, mask = rewards.float(), mask.bool()
@@ -127,10 +129,10 @@ def batch_metrics(policy: torch.Tensor, reference: torch.Tensor, model_rewards: 
     best_slot, worst_slot = order[:, :1], order.gather(-1, last)  # (B, 1)
     delta = policy - reference  # (B, K)
 
-    out: dict[str, tuple[float, int]] = {}
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def add(name, values, valid):
-        out[name] = (float(values[valid].sum()), int(valid.sum()))
+    def add(name, values, valid):  # masked sums: no boolean indexing (its result size would need the host)
+        out[name] = (torch.where(valid, values, torch.zeros_like(values)).sum(), valid.float().sum())
 
     for i in range(k):
         add(f"rewards/A{i}", ranked_rewards[:, i], ranked_mask[:, i])
@@ -187,7 +189,9 @@ class NCATrainer(Trainer):
         self.reference_model = reference_model
         self.logps_forward = logps_forward
         self.model_accepts_loss_kwargs = False  # the loss is a per-micro-batch mean: Trainer scales it for accumulation
-        self._metric_sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        if logps_forward == "auto" and isinstance(self.data_collator, RewardCollator):  # layout chosen on the host
+            self.data_collator = LayoutCollator(self.data_collator, LayoutPlanner(self.model))
+        self._metric_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device tensors, read at logging
         self._computing_reference = False
         self._grouped_sampler: EpochLengthGroupedSampler | None = None
         self.add_callback(_SamplerEpoch(self))
@@ -206,39 +210,56 @@ class NCATrainer(Trainer):
                                forward=self.logps_forward)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        policy = sequence_logps(model, inputs, average=self.average_logps, forward=self.logps_forward)  # (B, K)
-        reference = self.reference_logps(model, inputs).to(policy.dtype)  # (B, K)
-        mask, rewards = inputs["response_mask"], inputs["rewards"]  # (B, K)
-        if self.pairwise:
-            if policy.shape[-1] != 2 or not bool(mask.all()):
-                raise ValueError("pairwise batches need exactly 2 responses (chosen, rejected) per prompt")
-            losses, chosen, rejected = preference_loss(policy[:, 0], reference[:, 0], policy[:, 1], reference[:, 1],
-                                                       beta=self.beta, loss_type=self.loss_type)
-            model_rewards = torch.stack([chosen, rejected], dim=-1)  # (B, 2)
-        else:
-            losses, model_rewards = reward_loss(policy, reference, rewards, alpha=self.alpha, beta=self.beta,
-                                                loss_type=self.loss_type, mask=mask)
+        with device_checks():  # value checks as device-side assertions: no host synchronisation in the step
+            policy = sequence_logps(model, inputs, average=self.average_logps, forward=self.logps_forward)  # (B, K)
+            reference = self.reference_logps(model, inputs).to(policy.dtype)  # (B, K)
+            mask, rewards = inputs["response_mask"], inputs["rewards"]  # (B, K)
+            if self.pairwise:
+                message = "pairwise batches need exactly 2 responses (chosen, rejected) per prompt"
+                if policy.shape[-1] != 2:
+                    raise ValueError(message)
+                require(mask.all(), message)
+                losses, chosen, rejected = preference_loss(policy[:, 0], reference[:, 0], policy[:, 1],
+                                                           reference[:, 1], beta=self.beta, loss_type=self.loss_type)
+                model_rewards = torch.stack([chosen, rejected], dim=-1)  # (B, 2)
+            else:
+                losses, model_rewards = reward_loss(policy, reference, rewards, alpha=self.alpha, beta=self.beta,
+                                                    loss_type=self.loss_type, mask=mask)
         loss = losses.mean()
         if model.training:
             self._store_metrics(policy, reference, model_rewards, rewards, mask)
         return (loss, {"policy_logps": policy, "model_rewards": model_rewards}) if return_outputs else loss
 
     def _store_metrics(self, policy, reference, model_rewards, rewards, mask):
-        tensors = [t.detach() for t in (policy, reference, model_rewards, rewards)] + [mask.to(policy.dtype)]
-        if self.accelerator.num_processes > 1:  # every process sees every prompt of the step
-            tensors = [self.accelerator.pad_across_processes(t, dim=1, pad_index=0) for t in tensors]
-            tensors = [self.accelerator.pad_across_processes(t, dim=0, pad_index=0) for t in tensors]
-            tensors = [self.accelerator.gather(t) for t in tensors]
-        policy, reference, model_rewards, rewards, mask = tensors
-        for name, (total, count) in batch_metrics(policy, reference, model_rewards, rewards, mask.bool()).items():
-            self._metric_sums[name][0] += total
-            self._metric_sums[name][1] += count
+        """Add this micro-batch's metric sums and counts to the running tensors; nothing leaves the device until
+        :meth:`log` (several processes: each keeps its own prompts, summed across processes there)."""
+        tensors = [t.detach() for t in (policy, reference, model_rewards, rewards)]
+        for name, (total, count) in batch_metrics(*tensors, mask.bool()).items():
+            if name in self._metric_sums:
+                before_total, before_count = self._metric_sums[name]
+                total, count = before_total + total, before_count + count
+            self._metric_sums[name] = (total, count)
+
+    def _reduce_metrics(self) -> dict[str, float]:
+        """The means of the accumulated metrics over all processes: one read-back (and one collective for the names
+        and one for the sums with several processes) per logging step."""
+        names = sorted(self._metric_sums, key=_metric_order)
+        if self.accelerator.num_processes > 1:  # K may differ between processes: agree on the names first
+            from accelerate.utils import gather_object
+
+            names = sorted(set(gather_object(names)), key=_metric_order)
+        device = self.accelerator.device
+        zero = torch.zeros((), device=device)
+        sums = torch.stack([torch.stack([self._metric_sums.get(n, (zero, zero))[i].to(device) for n in names])
+                            for i in (0, 1)]) if names else torch.zeros((2, 0), device=device)  # (2, names)
+        if self.accelerator.num_processes > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        totals, counts = sums.tolist()
+        return {n: t / c for n, t, c in zip(names, totals, counts) if c}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._metric_sums:
-            for name, (total, count) in sorted(self._metric_sums.items(), key=lambda kv: _metric_order(kv[0])):
-                if count:
-                    logs[name] = total / count
+            logs.update(self._reduce_metrics())
             self._metric_sums.clear()
         super().log(logs, start_time)
 

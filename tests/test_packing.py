@@ -212,3 +212,18 @@ def test_trainer_loss_is_the_same_with_each_layout(layout, tok, tokenized, tmp_p
         trainer = NCATrainer(model=model, args=args, loss_type="nca", logps_forward=name)
         losses[name] = float(trainer.compute_loss(model, batch).detach())  # per-step reference: adapters disabled
     assert losses[layout] == pytest.approx(losses["padded"], abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "llama"])
+def test_final_states_keeps_only_the_last_hidden_state(arch, batch):
+    """The backbone's last hidden state equals a plain forward's hidden_states[-1], and the forward no longer asks
+    for every layer's states (without gradient nothing else keeps them)."""
+    from nca_kit.packing import final_states
+
+    model = sharp_model(arch, attn="sdpa")
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    with torch.no_grad():
+        out, hidden = final_states(model, **kwargs)
+        expected = model(**kwargs, output_hidden_states=True).hidden_states[-1]
+    assert out.hidden_states is None
+    torch.testing.assert_close(hidden, expected, atol=0, rtol=0)

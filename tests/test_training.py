@@ -152,7 +152,7 @@ def test_batch_metrics_on_handmade_tensors():
     rewards = torch.tensor([[1.0, 3.0, 2.0], [0.0, 1.0, 0.0]])  # best: slot 1, then 2, then 0 | slot 1, then 0
     mask = torch.tensor([[True, True, True], [True, True, False]])
     sums = batch_metrics(policy, reference, model_rewards, rewards, mask)
-    m = {k: total / count for k, (total, count) in sums.items()}
+    m = {k: float(total) / float(count) for k, (total, count) in sums.items()}
     assert m["rewards/A0"] == pytest.approx((-0.1 + 0.1) / 2)
     assert m["rewards/A1"] == pytest.approx((0.0 + 0.0) / 2)
     assert m["rewards/A2"] == pytest.approx(0.05)  # only the first prompt has a third response
