@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=1, help="prompts per optimizer step")
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
     parser.add_argument("--n-eval", type=int, default=16, help="fixed held-out prompts for greedy accuracy")
