@@ -50,6 +50,7 @@ from typing import Callable
 
 from nca_kit import data as kit_data
 from nca_kit import eval as ev
+from nca_kit.cache import default_cache_dir
 from nca_kit.generate import GenerationSettings, load_or_generate
 from nca_kit.tasks import score
 
@@ -73,7 +74,6 @@ __all__ = [
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = _REPO_ROOT / "data"  # committed datasets, searched before the cache
-CACHE_DIR = _REPO_ROOT / "runs" / "cache"  # generated datasets and base-model evaluations
 
 #: method -> (what it trains on, loss_type for nca_kit.training). "pairs": one Zephyr-style pair per prompt (the best
 #: response against one drawn among the strictly worse ones); "rewards": the K scored responses of each prompt.
@@ -452,9 +452,10 @@ class Experiment:
     """
 
     def __init__(self, spec: ExperimentSpec, *, out: str | Path = "runs", data_dir: str | Path = DATA_DIR,
-                 cache_dir: str | Path = CACHE_DIR, progress: bool = False, reuse_model: bool = False):
+                 cache_dir: str | Path | None = None, progress: bool = False, reuse_model: bool = False):
         self.spec, self.progress, self.reuse_model = spec, progress, reuse_model
-        self.out, self.data_dir, self.cache_dir = Path(out), Path(data_dir), Path(cache_dir)
+        self.out, self.data_dir = Path(out), Path(data_dir)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.run_dir = self.out / "tiny_runs" / spec.run_name
         self.seconds: dict[str, float] = {}
 
