@@ -42,11 +42,13 @@ def rss_bytes() -> int:
 
 
 def measure(shape, folder, *, gradient_checkpointing, attention, prompts, k, length, prompt_length, mode,
-            compute_dtype):
+            compute_dtype, head_chunk):
     import torch
 
-    from nca_kit import plan as P
+    from nca_kit import logps, plan as P
     from nca_kit.logps import sequence_logps
+
+    logps.HEAD_CHUNK_ELEMENTS = head_chunk * shape.vocab_size  # chunks of head_chunk positions, as in a long batch
 
     model = P.load_for_step(folder, mode=mode, gradient_checkpointing=gradient_checkpointing, attention=attention,
                             compute_dtype=compute_dtype)
@@ -69,7 +71,8 @@ def measure(shape, folder, *, gradient_checkpointing, attention, prompts, k, len
     quantized = P.quantized_weight_bytes(model)
     predicted_act = P.activation_bytes(shape, rows=rows, length=length, targets=targets, mode=mode,
                                        gradient_checkpointing=gradient_checkpointing, attention=attention,
-                                       device="cpu", compute_bytes=compute_bytes)
+                                       device="cpu", compute_bytes=compute_bytes,
+                                       head_chunk_elements=logps.HEAD_CHUNK_ELEMENTS)
     predicted_weights = P.weight_bytes(shape, mode)
     trainable = P._trainable(shape, mode, 16, P.PROJECTIONS, 2)
     predicted = {"activations": predicted_act["total"], "weights": predicted_weights["total"],
@@ -82,19 +85,55 @@ def measure(shape, folder, *, gradient_checkpointing, attention, prompts, k, len
     gc.collect()
     return {"layers": shape.num_layers, "mode": mode, "gradient_checkpointing": gradient_checkpointing,
             "attention": attention, "rows": rows, "length": length, "tokens": rows * length,
-            "response_positions": targets, "measured": got, "predicted": predicted,
+            "response_positions": targets, "head_chunk_positions": head_chunk, "measured": got, "predicted": predicted,
             "ratio": {key: round(predicted[key] / got[key], 4) for key in got if got[key]},
             "rss_forward_delta": rss_after - rss_before, "forward_s": round(forward_s, 1),
             "step_s": round(step_s, 1)}
 
 
+def tables(record: dict) -> str:
+    """The README's two tables (validation; recipe prediction), from a record written by this script."""
+    gib = 2**30
+    lines = ["| layers | checkpointing | tokens | activations predicted / measured (MiB) | weights + adapter + "
+             "gradients + AdamW predicted / measured (MiB) | NF4 projections predicted / measured (MiB) | "
+             "total predicted / measured |",
+             "|---|---|---|---|---|---|---|"]
+    for run in record["runs"]:
+        p, m = run["predicted"], run["measured"]
+        static_p = p["total"] - p["activations"]
+        static_m = m["total"] - m["activations"]
+        lines.append(f"| {run['layers']} | {'on' if run['gradient_checkpointing'] else 'off'} | {run['tokens']} | "
+                     f"{p['activations'] / 2**20:.1f} / {m['activations'] / 2**20:.1f} | "
+                     f"{static_p / 2**20:.1f} / {static_m / 2**20:.1f} | "
+                     f"{p['nf4_projections'] / 2**20:.2f} / {m['nf4_projections'] / 2**20:.2f} | "
+                     f"{p['total'] / m['total']:.4f} |")
+    lines += ["", "| GPU | checkpointing | per-device batch | weights | adapter + grads + AdamW | activations | "
+              "backward working set (modelled) | predicted peak (GiB) | fits (90 % of memory) | largest batch / "
+              "accumulation to 32 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in record["recipe_prediction"]:
+        trained = (row["adapter"] + row["gradients"] + row["optimizer"]) / gib
+        lines.append(f"| {row['gpu']} | {'on' if row['gradient_checkpointing'] else 'off'} | "
+                     f"{row['per_device_batch_size']} | {row['weights_gib']:.2f} | {trained:.2f} | "
+                     f"{row['activations_gib']:.2f} | {row['backward_working_gib']:.2f} | {row['peak_gib']:.2f} | "
+                     f"{'yes' if row['fits'] else 'no'} | {row['largest_batch']} / {row['gradient_accumulation']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tables", metavar="RECORD", default=None,
+                        help="print the README tables of an existing record and exit")
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--prompts", type=int, default=1)
     parser.add_argument("--k", type=int, default=2)
-    parser.add_argument("--length", type=int, default=320)
-    parser.add_argument("--prompt-length", type=int, default=16)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--prompt-length", type=int, default=8)
+    parser.add_argument("--head-chunk", type=int, default=32,
+                        help="positions per chunk of the output layer (the kit's default is 524 at V = 32000; "
+                             "fewer here so that this short batch runs the chunked head as a long one does)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="RECORD",
+                        help="combine the runs of these records (e.g. one per layer count, run side by side) into "
+                             "--out, with the recipe prediction recomputed")
     parser.add_argument("--attention", nargs="+", default=["sdpa"], choices=["sdpa", "eager"])
     parser.add_argument("--mode", default="qlora", choices=["qlora", "lora"])
     parser.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
@@ -102,6 +141,9 @@ def main(argv=None) -> int:
                              "widths take minutes each); bfloat16: autocast as on a GPU")
     parser.add_argument("--out", default="results/plan_validation.json")
     args = parser.parse_args(argv)
+    if args.tables:
+        print(tables(json.loads(Path(args.tables).read_text())))
+        return 0
 
     import torch
 
@@ -109,7 +151,14 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     base = P.NAMED_SHAPES["mistral-7b-sft-beta"]
-    runs = []
+    runs, commands = [], []
+    if args.merge:
+        for path in args.merge:
+            merged = json.loads(Path(path).read_text())
+            runs += merged["runs"]
+            commands.append(merged["command"])
+        runs.sort(key=lambda run: (run["layers"], run["attention"], run["gradient_checkpointing"]))
+        args.layers = []
     for layers in args.layers:
         shape = base.with_layers(layers)
         folder = Path(tempfile.mkdtemp(prefix="nca-kit-plan-"))
@@ -120,7 +169,7 @@ def main(argv=None) -> int:
                     run = measure(shape, folder, gradient_checkpointing=checkpointing, attention=attention,
                                   prompts=args.prompts, k=args.k, length=args.length,
                                   prompt_length=args.prompt_length, mode=args.mode,
-                                  compute_dtype=args.compute_dtype)
+                                  compute_dtype=args.compute_dtype, head_chunk=args.head_chunk)
                     print(json.dumps({key: run[key] for key in ("layers", "gradient_checkpointing", "attention",
                                                                 "ratio", "step_s")}), flush=True)
                     runs.append(run)
@@ -140,11 +189,12 @@ def main(argv=None) -> int:
                 "(QLoRA, bf16 autocast), and the planner's prediction for the full K = 4 x 1,024 recipe",
         "command": "OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/plan_validate.py " + " ".join(argv or
                                                                                                sys.argv[1:]),
+        "merged_from": commands or None,
         "measured_how": "activations: bytes of the tensors autograd holds at the end of the forward "
                         "(saved_tensors_hooks + checkpoint inputs, unique storages, parameters excluded); weights, "
                         "adapter, gradients, optimizer: bytes counted from the tensors after backward + AdamW step",
         "settings": {"prompts": args.prompts, "k": args.k, "length": args.length,
-                     "prompt_length": args.prompt_length, "mode": args.mode, "lora_r": 16, "lora_dropout": 0.05,
+                     "prompt_length": args.prompt_length, "head_chunk_positions": args.head_chunk, "mode": args.mode, "lora_r": 16, "lora_dropout": 0.05,
                      "double_quant": True, "device": "cpu", "compute_dtype": args.compute_dtype},
         "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                      "peft": __import__("peft").__version__, "bitsandbytes": __import__("bitsandbytes").__version__,
