@@ -232,12 +232,12 @@ def reward_quality(scored, golden, alpha: float | None = None) -> dict:
     """How well a source's rewards (``scored``, B rows of K) order the answers like the rubric (``golden``, the same
     B rows): within-prompt pairwise accuracy over pairs with different rubric rewards, Spearman's rho over all
     answers and its mean per prompt, order consistency over all pairs, and Best-of-K (the rubric reward of the
-    answer the source ranks first; :func:`nca_kit.rewards.embedding.evaluate`). With ``alpha``: ``top_label``, the
+    answer the source ranks first; :func:`nca_kit.rewards.metrics.evaluate`). With ``alpha``: ``top_label``, the
     mean largest soft label ``max_i softmax(r / alpha)_i`` that InfoNCA / NCA train on (1.0: one-hot on the
     source's best answer, so only the source's order matters)."""
     import numpy as np
 
-    from nca_kit.rewards.embedding import evaluate
+    from nca_kit.rewards.metrics import evaluate
 
     check_scored(scored, "scored")
     check_scored(golden, "golden")
