@@ -26,8 +26,9 @@ against the source's pairwise accuracy on the training answers, one marker per m
 answer, mean and min-max band over seeds) and ``k_ablation.png`` (Fig. 4: held-out metrics against K). ``--docs
 DIR`` copies the figures there too.
 
-``--sources`` sweeps reward sources (:data:`nca_kit.experiment.REWARD_SOURCES`): every method and seed is run once per
-source, seed by seed, so each method sees exactly the same source; the table then has one row per (method, source).
+``--sources`` sweeps reward sources (:data:`nca_kit.rewards.sources.REWARD_SOURCES`): every method and seed is run
+once per source, seed by seed, so each method sees exactly the same source; the table then has one row per (method,
+source).
 
 ``--alphas`` / ``--betas`` run the α × β robustness grid instead (:mod:`nca_kit.robustness`): InfoNCA and NCA at
 every (α, β), DPO at every β, seed by seed, each run in ``<out>/alpha<α>_beta<β>/`` (DPO: ``<out>/beta<β>/``), and
@@ -57,13 +58,13 @@ sys.path.insert(0, str(REPO))
 from nca_kit.experiment import (  # noqa: E402
     METHODS,
     PAIR_METHODS,
-    REWARD_SOURCES,
     ExperimentSpec,
     flat_row,
     load_records,
     run_experiment,
 )
 from nca_kit import robustness  # noqa: E402
+from nca_kit.rewards.sources import REWARD_SOURCES  # noqa: E402
 
 HEADLINE = ("dpo", "infonca", "nca")
 EXTRA = tuple(m for m in METHODS if m not in HEADLINE)
@@ -439,7 +440,8 @@ def main(argv=None) -> int:
     parser.add_argument("--full", action="store_true", help="add dpo_x3, dpo_all_pairs, pair_nca and K = 2, 3")
     parser.add_argument("--ks", nargs="+", type=int, default=None, help="K ablation values (default with --full: 2 3)")
     parser.add_argument("--sources", nargs="+", default=None,
-                        help="sweep these reward sources (nca_kit.experiment.REWARD_SOURCES) for every method and seed")
+                        help="sweep these reward sources (nca_kit.rewards.sources.REWARD_SOURCES) for every method and "
+                             "seed")
     parser.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="a setting of every run: an ExperimentSpec field or notebook 20's parameter name")
     parser.add_argument("--smoke", action="store_true", help="smoke sizes for every run (SMOKE_SIZES)")

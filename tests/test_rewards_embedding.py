@@ -13,6 +13,7 @@ from nca_kit.models import tiny_model, tiny_tokenizer
 from nca_kit.rewards import annotate as annotators
 from nca_kit.rewards import embedding as E
 from nca_kit.rewards import heads, metrics, studies
+from nca_kit.rewards.sources import with_rewards
 
 pytest.importorskip("lightgbm")
 
@@ -237,7 +238,7 @@ def _reward_rows():
             for a, b in [(1, 2), (3, 4), (2, 5), (6, 1), (4, 4), (3, 3)]]
 
 
-def test_score_reward_dataset_writes_a_canonical_reward_dataset():
+def test_learned_rewards_write_a_canonical_reward_dataset():
     import datasets
 
     class Length:
@@ -247,15 +248,16 @@ def test_score_reward_dataset_writes_a_canonical_reward_dataset():
             return np.array([float(len(r)) for r in responses])
 
     ds = datasets.Dataset.from_list(_reward_rows())
-    out = E.score_reward_dataset(Length(), ds)
+    out = with_rewards(ds, E.learned_rewards(Length(), ds), keep_as="source_rewards", name=Length.name)
     validate_reward_dataset(out)
     assert out["rewards"][0] == [1.0, 9.0, 1.0, 14.0]
     assert out["source_rewards"][0] == [10.0, 9.0, 2.0, 0.0] and out["responses"] == ds["responses"]
-    bare = E.score_reward_dataset(Length(), ds.remove_columns(["rewards", "id", "source"]))
+    bare_ds = ds.remove_columns(["rewards", "id", "source"])
+    bare = with_rewards(bare_ds, E.learned_rewards(Length(), bare_ds), keep_as="source_rewards", name=Length.name)
     validate_reward_dataset(bare)
 
 
-def test_score_reward_dataset_gives_a_repeated_response_one_reward():
+def test_learned_rewards_give_a_repeated_response_one_reward():
     """K samples repeat answers; a scorer whose output drifts with the batch position (as batched embeddings do)
     must not give one text two rewards (validation would refuse the row as duplicate_response)."""
     import datasets
@@ -269,7 +271,7 @@ def test_score_reward_dataset_gives_a_repeated_response_one_reward():
     rows = _reward_rows()
     rows[1]["responses"] = ["3 + 4 = 7", "7", "3 + 4 = 7", "8"]  # the first answer twice, as in the sampled data
     ds = datasets.Dataset.from_list(rows)
-    out = E.score_reward_dataset(Drifting(), ds)
+    out = with_rewards(ds, E.learned_rewards(Drifting(), ds), keep_as="source_rewards", name=Drifting.name)
     validate_reward_dataset(out)
     rewards = out["rewards"][1]
     assert rewards[0] == rewards[2] and rewards[0] != rewards[1]

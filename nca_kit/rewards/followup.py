@@ -51,12 +51,12 @@ encodes the prefixes, then runs the follow-ups from their keys/values expanded o
 (:func:`nca_kit.packing.encode_prefixes`). All paths give the same numbers up to float rounding.
 
 Entry points: :func:`flr_rewards` / :func:`direct_rewards` (one float per response), :func:`flr_scores` (everything:
-per follow-up, per category, both variants), :func:`rescore_reward_dataset` and :func:`arithmetic_reward_dataset`
-(a canonical ``prompt, responses, rewards`` dataset scored by ``"flr"`` or ``"direct"``). The follow-up sentences
-are in :mod:`nca_kit.rewards.followup_texts`, the metrics in :mod:`nca_kit.rewards.metrics`, the evaluations on
-preference pairs and K-response sets in :mod:`nca_kit.rewards.studies`. Scores are cached on disk
-(:class:`nca_kit.cache.Cache`) under a hash of the model's weights, the tokenizer's template, the follow-ups and the
-texts, in blocks of responses, so an interrupted run resumes and a rerun is instant.
+per follow-up, per category, both variants) and :func:`score_rows` (the rewards of a canonical ``prompt, responses,
+rewards`` dataset by ``"flr"`` or ``"direct"``, for the reward sources of :mod:`nca_kit.rewards.sources`). The
+follow-up sentences are in :mod:`nca_kit.rewards.followup_texts`, the metrics in :mod:`nca_kit.rewards.metrics`,
+the evaluations on preference pairs and K-response sets in :mod:`nca_kit.rewards.studies`. Scores are cached on
+disk (:class:`nca_kit.cache.Cache`) under a hash of the model's weights, the tokenizer's template, the follow-ups
+and the texts, in blocks of responses, so an interrupted run resumes and a rerun is instant.
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -95,8 +94,8 @@ __all__ = [
     "flr_rewards",
     "direct_rewards",
     "model_fingerprint",
-    "rescore_reward_dataset",
-    "arithmetic_reward_dataset",
+    "SCORERS",
+    "score_rows",
 ]
 
 #: ``"paper"``: mean teacher-forced token log-likelihood of the follow-up (the paper's text). ``"code"``: mean raw
@@ -567,64 +566,28 @@ def direct_rewards(model, tokenizer, prompts: Sequence, responses: Sequence[str]
 # Reward datasets
 # --------------------------------------------------------------------------------------------------------------------
 
-SOURCES = ("flr", "direct")
+#: The follow-up scorers by name, each ``(model, tokenizer, prompts, responses, **kwargs) -> (N,)``: what the reward
+#: sources ``flr`` and ``direct`` of :mod:`nca_kit.rewards.sources` run.
+SCORERS = {"flr": flr_rewards, "direct": direct_rewards}
 
 
-def rescore_reward_dataset(dataset, source: str, model, tokenizer, *, followups=None, variant: str = "paper",
-                           categories: Sequence[str] | None = None, keep_as: str | None = "original_rewards",
-                           **kwargs):
-    """A canonical reward dataset (``prompt, responses, rewards``) whose ``rewards`` are re-scored by ``source``.
-
-    ``source``: ``"flr"`` (:func:`flr_rewards` with ``followups``, ``variant``, ``categories``) or ``"direct"``
-    (:func:`direct_rewards`). The old rewards move to the column ``keep_as`` (``None`` drops them); every other
-    column is kept. Other keyword arguments go to the scorer (``batch_size``, ``cache_dir``, ``progress``, ...).
-    """
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    missing = [c for c in ("prompt", "responses", "rewards") if c not in dataset.column_names]
+def score_rows(dataset, scorer: str, model, tokenizer, **kwargs) -> list[list[float]]:
+    """The rewards of every response of a canonical reward dataset (``prompt, responses``) by ``scorer`` (a key of
+    :data:`SCORERS`), one list per row; :func:`nca_kit.rewards.sources.with_rewards` writes them into the dataset.
+    Keyword arguments go to the scorer (``followups``, ``variant``, ``batch_size``, ``cache_dir``, ...)."""
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be one of {tuple(SCORERS)}, got {scorer!r}")
+    missing = [c for c in ("prompt", "responses") if c not in dataset.column_names]
     if missing:
         raise ValueError(f"dataset: missing column(s) {missing}; need the canonical reward schema")
     prompts = [p for p, rs in zip(dataset["prompt"], dataset["responses"]) for _ in rs]
     responses = [r for rs in dataset["responses"] for r in rs]
-    if source == "flr":
-        flat = flr_rewards(model, tokenizer, prompts, responses, followups=followups, variant=variant,
-                           categories=categories, **kwargs)
-    else:
-        flat = direct_rewards(model, tokenizer, prompts, responses, **kwargs)
-    rewards, at = [], 0
+    flat = SCORERS[scorer](model, tokenizer, prompts, responses, **kwargs)
+    rows, at = [], 0
     for rs in dataset["responses"]:
-        rewards.append([float(x) for x in flat[at:at + len(rs)]])
+        rows.append([float(x) for x in flat[at:at + len(rs)]])
         at += len(rs)
-    if keep_as is not None:
-        dataset = dataset.rename_column("rewards", keep_as)
-    else:
-        dataset = dataset.remove_columns("rewards")
-    return dataset.add_column("rewards", rewards)
-
-
-def arithmetic_reward_dataset(source: str = "flr", *, model=None, tokenizer=None, variant: str = "paper",
-                              followups="arithmetic", n: int | None = None, **kwargs):
-    """The kit's arithmetic K = 4 training data (``data/``, :mod:`nca_kit.generate` defaults) re-scored by ``source``.
-
-    One call: loads SmolLM2-135M-Instruct when ``model`` is not given, reads the shipped dataset (no sampling), and
-    returns :func:`rescore_reward_dataset`'s result; the rubric rewards stay in ``original_rewards``. ``n`` keeps the
-    first ``n`` prompts. Default follow-ups: :data:`ARITHMETIC_FOLLOWUPS` (correctness only).
-    """
-    from nca_kit import generate
-    from nca_kit.models import load_smollm2
-
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    repo = Path(__file__).resolve().parents[2]
-    train = generate.load_or_generate(generate.GenerationSettings(), search_dirs=(repo / "data",),
-                                      verbose=False)["train"]
-    if n is not None:
-        train = train.select(range(min(n, len(train))))
-    if model is None:
-        model, tokenizer = load_smollm2()
-    extra = {"followups": followups, "variant": variant} if source == "flr" else {}
-    return rescore_reward_dataset(train, source, model, tokenizer, **extra, **kwargs)
-
+    return rows
 
 
 # Kept for notebook 11, which reads the tokens of a follow-up turn under their former private names.
@@ -634,7 +597,8 @@ _followup_tokens, _conversation_prefix = followup_tokens, conversation_prefix
 # resolved on first use so that this module does not import the modules built on it.
 _MOVED = {"hh_pairs": "nca_kit.rewards.studies", "PairEvaluation": "nca_kit.rewards.studies",
           "evaluate_pairs": "nca_kit.rewards.studies", "evaluate_k_responses": "nca_kit.rewards.studies",
-          "plot_pair_accuracy": "nca_kit.plots", "plot_score_distributions": "nca_kit.plots"}
+          "plot_pair_accuracy": "nca_kit.plots", "plot_score_distributions": "nca_kit.plots",
+          "arithmetic_reward_dataset": "nca_kit.rewards.sources"}
 
 
 def __getattr__(name: str):

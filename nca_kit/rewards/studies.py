@@ -186,8 +186,8 @@ def evaluate_k_responses(model, tokenizer, dataset, *, followups="arithmetic", g
     """FLR (each variant and category) and Direct against the golden rewards of a K-response dataset.
 
     Returns ``(table, scores)``: a ``pandas.DataFrame`` with one row per scorer and category holding
-    :func:`nca_kit.rewards.metrics.ranking_metrics` (per-prompt Spearman, pairwise accuracy on pairs with different golden rewards, Best-of-K
-    golden reward) and, with ``correct_threshold``, ``correct_pair_accuracy``: the same accuracy on pairs of one
+    :func:`nca_kit.rewards.metrics.ranking_metrics` (per-prompt Spearman, pairwise accuracy on pairs with different
+    golden rewards, Best-of-K golden reward) and, with ``correct_threshold``, ``correct_pair_accuracy``: the same accuracy on pairs of one
     correct (golden >= threshold) and one wrong response; ``scores`` maps ``(scorer, category)`` to ``(B, K)``.
     """
     import pandas as pd
