@@ -52,6 +52,7 @@ from pathlib import Path
 from nca_kit import data as kit_data
 from nca_kit import eval as ev
 from nca_kit.generate import GenerationSettings, load_or_generate
+from nca_kit.losses import loss_spec
 from nca_kit.rewards.sources import (  # noqa: F401  (FITTED_SOURCES, rubric_rewards: kept importable here, notebook 12
     FITTED_SOURCES,  #                    imports rubric_rewards from this module)
     REWARD_SOURCES,
@@ -81,17 +82,18 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = _REPO_ROOT / "data"  # committed datasets, searched before the cache
 CACHE_DIR = _REPO_ROOT / "runs" / "cache"  # generated datasets and base-model evaluations
 
-#: method -> (what it trains on, loss_type for nca_kit.training). "pairs": one Zephyr-style pair per prompt (the best
-#: response against one drawn among the strictly worse ones); "rewards": the K scored responses of each prompt.
+#: method -> its loss (:data:`nca_kit.losses.LOSSES`: ``loss_type``, data kind, whether it reads alpha). Pairwise
+#: losses train on one Zephyr-style pair per prompt (the best response against one drawn among the strictly worse
+#: ones); reward losses on the K scored responses of each prompt.
 METHODS = {
-    "dpo": ("pairs", "dpo"),  # DPO on pruned pairs (Table 2's "DPO" row, UltraFeedback-binarized style)
-    "pair_nca": ("pairs", "nca"),  # pairwise NCA (Eq. 12) on the same pairs
-    "dpo_x3": ("rewards", "dpo_best_vs_rest"),  # DPO x (K-1): the best against each other response
-    "dpo_all_pairs": ("rewards", "dpo_all_pairs"),  # DPO x C(K,2): every pair ordered by reward
-    "infonca": ("rewards", "infonca"),  # InfoNCA (Eq. 6) on the K rewards
-    "nca": ("rewards", "nca"),  # NCA (Eq. 11) on the K rewards
+    "dpo": loss_spec("dpo", "pairwise"),  # DPO on pruned pairs (Table 2's "DPO" row, UltraFeedback-binarized style)
+    "pair_nca": loss_spec("nca", "pairwise"),  # pairwise NCA (Eq. 12) on the same pairs
+    "dpo_x3": loss_spec("dpo_best_vs_rest", "reward"),  # DPO x (K-1): the best against each other response
+    "dpo_all_pairs": loss_spec("dpo_all_pairs", "reward"),  # DPO x C(K,2): every pair ordered by reward
+    "infonca": loss_spec("infonca", "reward"),  # InfoNCA (Eq. 6) on the K rewards
+    "nca": loss_spec("nca", "reward"),  # NCA (Eq. 11) on the K rewards
 }
-PAIR_METHODS = tuple(m for m, (kind, _) in METHODS.items() if kind == "pairs")
+PAIR_METHODS = tuple(m for m, loss in METHODS.items() if loss.data == "pairwise")
 
 #: Data sources a spec can name: "arith" is the kit's verifiable arithmetic set sampled from the spec's model.
 DATA_SOURCES = ("arith",)
@@ -241,7 +243,7 @@ class ExperimentSpec:
 
     @property
     def loss_type(self) -> str:
-        return METHODS[self.method][1]
+        return METHODS[self.method].name
 
     @property
     def k_trained(self) -> int:
@@ -320,14 +322,14 @@ def method_dataset(train, method: str, *, k: int = 4, seed: int = 0):
     """
     _require_in("method", method, METHODS)
     check_scored(train, "train")
-    kind, loss_type = METHODS[method]
+    loss = METHODS[method]
     columns = [c for c in ("prompt", "responses", "rewards", "id", "source") if c in train.column_names]
     rewards_only = train.select_columns(columns)
-    if kind == "pairs":
-        return kit_data.rewards_to_pairs(rewards_only, "zephyr", seed=seed), loss_type
+    if loss.data == "pairwise":
+        return kit_data.rewards_to_pairs(rewards_only, "zephyr", seed=seed), loss.name
     if k < max(len(r) for r in rewards_only["rewards"]):
         rewards_only = kit_data.subsample_responses(rewards_only, k, seed=seed)
-    return rewards_only, loss_type
+    return rewards_only, loss.name
 
 
 # --------------------------------------------------------------------------------------------------------------------
