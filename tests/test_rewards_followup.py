@@ -19,11 +19,6 @@ from nca_kit.rewards.sources import with_rewards
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
 @pytest.fixture(scope="module", params=["llama", "mistral"])
 def model(request):
     return tiny_model(request.param, seed=1).eval()
