@@ -12,7 +12,6 @@ user turn) and :func:`perturb_lora` (non-zero LoRA B matrices, so the adapters c
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -56,14 +55,6 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
-
-@pytest.fixture(scope="module")
-def grid():
-    """``scripts/run_grid.py`` as a module, a fresh copy per test module (so one module's monkeypatches stay there)."""
-    spec = importlib.util.spec_from_file_location("run_grid", REPO / "scripts" / "run_grid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def msgs(text: str) -> list[dict]:
