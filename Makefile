@@ -1,12 +1,14 @@
 # nca-kit: two commands on a fresh machine with nothing but Python installed.
 #   make demo   executes the CPU course notebooks in full size into runs/full/
-#   make test   unit tests + notebook tests
+#   make test   unit tests + every notebook under nbval in smoke sizes (NOTEBOOKS=full: in the size make demo runs
+#               them; what CI runs)
 # CUDA users: make setup TORCH_SPEC="torch==2.5.1" TORCH_INDEX=https://download.pytorch.org/whl/cu124
 
 PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
+NOTEBOOKS   ?= smoke
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.nca-kit-installed
 
@@ -28,7 +30,7 @@ demo: setup
 	$(PY) scripts/run_notebooks.py
 
 test: setup
-	NCA_KIT_SMOKE=1 $(PY) -m pytest tests
+	NCA_KIT_SMOKE=1 NCA_KIT_NOTEBOOKS=$(NOTEBOOKS) $(PY) -m pytest tests --durations=15
 
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow and not notebook"

@@ -13,7 +13,7 @@ into place, the sidecar last, so an interrupted run never leaves an entry that r
     >>> cache = Cache("runs/cache")
     >>> emb = cache.array("emb_minilm", {"model": "all-MiniLM-L6-v2", "texts": texts}, lambda: embed(texts))
 
-The folder defaults to ``$NCA_KIT_CACHE`` or ``runs/cache``.
+The folder defaults to ``$NCA_KIT_CACHE`` or the checkout's ``runs/cache`` (wherever a notebook runs from).
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["Cache", "default_cache_dir", "settings_key", "file_digest"]
+__all__ = ["Cache", "default_cache_dir", "shipped_cache_dir", "settings_key", "file_digest"]
 
 
 def default_cache_dir() -> Path:
-    """``$NCA_KIT_CACHE`` if set, else ``runs/cache`` (relative to the working directory)."""
-    return Path(os.environ.get("NCA_KIT_CACHE", "runs/cache"))
+    """``$NCA_KIT_CACHE`` if set, else the checkout's ``runs/cache`` (:func:`nca_kit.paths.cache_dir`)."""
+    from nca_kit.paths import cache_dir
+
+    return cache_dir()
 
 
 def _canonical(settings: Any) -> str:
@@ -72,12 +74,40 @@ def _shape_problem(value: np.ndarray, shape, dtype) -> str | None:
     return None
 
 
+def shipped_cache_dir() -> Path | None:
+    """The read-only entries committed with the kit (``data/cache/`` of the checkout), or ``None`` when absent or
+    switched off with ``NCA_KIT_SHIPPED_CACHE=0`` (what ``scripts/build_shipped_cache.py`` does to recompute them)."""
+    from nca_kit.paths import repo_root
+
+    if os.environ.get("NCA_KIT_SHIPPED_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    root = repo_root()
+    folder = root / "data" / "cache" if root is not None else None
+    return folder if folder is not None and folder.is_dir() else None
+
+
 class Cache:
     """A folder of cached results, each keyed by the settings that produced it and verified by its content on every
-    read. See the module docstring."""
+    read. See the module docstring.
 
-    def __init__(self, directory: str | Path | None = None):
+    ``shipped``: a read-only folder of entries committed with the kit, read (and verified the same way) when the
+    folder has no entry of its own; writes always go to ``directory``. Default: :func:`shipped_cache_dir`."""
+
+    def __init__(self, directory: str | Path | None = None, shipped: str | Path | None | bool = True):
         self.directory = Path(directory) if directory is not None else default_cache_dir()
+        if shipped is True:
+            shipped = shipped_cache_dir()
+        self.shipped = Path(shipped) if shipped else None
+        if self.shipped is not None and self.shipped.resolve() == self.directory.resolve():
+            self.shipped = None
+
+    def _found(self, tag: str, settings: Any, ext: str) -> Path:
+        """The entry to read: the folder's own if complete, else a complete shipped one, else the folder's path."""
+        own = self.path(tag, settings, ext)
+        if self._check(own, settings) or self.shipped is None:
+            return own
+        shipped = self.shipped / own.name
+        return shipped if self._check(shipped, settings) else own
 
     def path(self, tag: str, settings: Any, ext: str) -> Path:
         """Where the entry for ``(tag, settings)`` lives (it may not exist yet)."""
@@ -128,14 +158,14 @@ class Cache:
     def has(self, tag: str, settings: Any, ext: str) -> bool:
         """Whether a complete entry with the right content exists (raises if one exists for different settings
         under the same key)."""
-        return self._check(self.path(tag, settings, ext), settings)
+        return self._check(self._found(tag, settings, ext), settings)
 
     def json(self, tag: str, settings: Any, compute: Callable[[], Any],
              validate: Callable[[Any], str | None] | None = None) -> Any:
         """``compute()`` once (its result must be JSON-serialisable), then read back. ``.last_hit`` says which.
         ``validate(value)`` returns why a value is not what the caller expects (``None`` when it is): a cached
         value it rejects is recomputed with a warning; a computed one it rejects is an error."""
-        path = self.path(tag, settings, "json")
+        path = self._found(tag, settings, "json")
         if self._check(path, settings):
             value = json.loads(path.read_text())
             problem = validate(value) if validate is not None else None
@@ -148,6 +178,7 @@ class Cache:
         problem = validate(json.loads(text)) if validate is not None else None
         if problem is not None:
             raise ValueError(f"{tag}: the computed value is not what was expected: {problem}")
+        path = self.path(tag, settings, "json")
         self._write(path, settings, lambda p: p.write_text(text))
         self.last_hit = False
         return json.loads(path.read_text())
@@ -155,7 +186,7 @@ class Cache:
     def get_array(self, tag: str, settings: Any, shape=None, dtype=None) -> np.ndarray | None:
         """The verified array of ``(tag, settings)``, or ``None`` when absent or not right (content digest, parse,
         ``shape`` with ``None`` for any size, ``dtype``): then a warning names the file."""
-        path = self.path(tag, settings, "npy")
+        path = self._found(tag, settings, "npy")
         if not self._check(path, settings):
             return None
         try:

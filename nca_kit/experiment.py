@@ -51,6 +51,7 @@ from pathlib import Path
 
 from nca_kit import data as kit_data
 from nca_kit import eval as ev
+from nca_kit.cache import default_cache_dir
 from nca_kit.generate import GenerationSettings, load_or_generate
 from nca_kit.losses import loss_spec
 from nca_kit.rewards.sources import (  # noqa: F401  (FITTED_SOURCES, rubric_rewards: kept importable here, notebook 12
@@ -80,7 +81,6 @@ __all__ = [
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = _REPO_ROOT / "data"  # committed datasets, searched before the cache
-CACHE_DIR = _REPO_ROOT / "runs" / "cache"  # generated datasets and base-model evaluations
 
 #: method -> its loss (:data:`nca_kit.losses.LOSSES`: ``loss_type``, data kind, whether it reads alpha). Pairwise
 #: losses train on one Zephyr-style pair per prompt (the best response against one drawn among the strictly worse
@@ -350,9 +350,10 @@ class Experiment:
     """
 
     def __init__(self, spec: ExperimentSpec, *, out: str | Path = "runs", data_dir: str | Path = DATA_DIR,
-                 cache_dir: str | Path = CACHE_DIR, progress: bool = False, reuse_model: bool = False):
+                 cache_dir: str | Path | None = None, progress: bool = False, reuse_model: bool = False):
         self.spec, self.progress, self.reuse_model = spec, progress, reuse_model
-        self.out, self.data_dir, self.cache_dir = Path(out), Path(data_dir), Path(cache_dir)
+        self.out, self.data_dir = Path(out), Path(data_dir)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.run_dir = self.out / "tiny_runs" / spec.run_name
         self.seconds: dict[str, float] = {}
 

@@ -185,7 +185,7 @@ def _write(path: Path, settings: GenerationSettings, splits: dict[str, list[dict
 def load_or_generate(
     settings: GenerationSettings = GenerationSettings(),
     *,
-    cache_dir: str | Path = "runs/cache",
+    cache_dir: str | Path | None = None,
     search_dirs: tuple[str | Path, ...] = (),
     model=None,
     tokenizer=None,
@@ -201,7 +201,7 @@ def load_or_generate(
     itself.
 
     Looks for the file :meth:`GenerationSettings.file_name` in ``search_dirs`` (e.g. the committed ``data/``) and
-    then in ``cache_dir``; if absent, samples it (loading ``settings.model_id`` with
+    then in ``cache_dir`` (default: the kit's cache, :func:`nca_kit.cache.default_cache_dir`); if absent, samples it (loading ``settings.model_id`` with
     :func:`nca_kit.models.load_model` unless ``model``/``tokenizer`` are given) and writes it to ``cache_dir``.
     Sampling goes batch by batch, each batch appended to ``<file>.partial.jsonl``, so an interrupted run resumes
     where it stopped. A file found is checked by content (its digest, the expected prompts in order, ``k`` responses
@@ -214,6 +214,10 @@ def load_or_generate(
     only the chunks covering them are sampled, in memory (the partial file is left to its writer). Chunk seeds do
     not depend on the number of prompts, so these rows are exactly the first rows of the complete dataset.
     """
+    if cache_dir is None:
+        from nca_kit.cache import default_cache_dir
+
+        cache_dir = default_cache_dir()
     name = settings.file_name()
     for folder in (*search_dirs, cache_dir):
         path = Path(folder) / name

@@ -235,11 +235,8 @@ class RunFolder:
         record = read_run_record(checkpoint) or {}
         theirs = record.get("settings") or {}
         ours = self.settings
-        differing = sorted(k for k in set(theirs) | set(ours)
-                           if k not in RESUME_MAY_CHANGE and theirs.get(k, _MISSING) != ours.get(k, _MISSING))
-        if differing:
-            lines = ", ".join(f"{k}: {_show(theirs.get(k, _MISSING))} -> {_show(ours.get(k, _MISSING))}"
-                              for k in differing)
+        lines = _differences(theirs, ours, ignore=RESUME_MAY_CHANGE)
+        if lines:
             raise RunFolderError(f"cannot resume from {checkpoint}: it was trained with other settings ({lines}); "
                                  f"only {', '.join(RESUME_MAY_CHANGE)} and the bookkeeping keys may change on resume. "
                                  f"Use the checkpoint's settings (its run.json), or another output_dir for a new run")
@@ -267,11 +264,8 @@ class RunFolder:
             raise RunFolderError(f"output_dir {self.path} holds files of a run whose settings are unknown (no "
                                  f"readable run.json or config.yaml); pass overwrite_output_dir=true to replace it, "
                                  f"or use another output_dir")
-        differing = sorted(k for k in set(previous) | set(self.settings)
-                           if previous.get(k, _MISSING) != self.settings.get(k, _MISSING))
-        if differing:
-            lines = ", ".join(f"{k}: {_show(previous.get(k, _MISSING))} -> {_show(self.settings.get(k, _MISSING))}"
-                              for k in differing)
+        lines = _differences(previous, self.settings)
+        if lines:
             raise RunFolderError(f"output_dir {self.path} holds another run ({lines}); pass overwrite_output_dir=true "
                                  f"to replace it, resume_from_checkpoint=latest to continue it, or use another "
                                  f"output_dir")
@@ -320,6 +314,12 @@ class RunFolder:
 
 
 _MISSING = "<absent>"
+
+
+def _differences(old: dict, new: dict, ignore=()) -> str:
+    """``"key: old -> new, ..."`` for every key whose value differs (absent counts as a value), or ``""``."""
+    keys = sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k, _MISSING) != new.get(k, _MISSING))
+    return ", ".join(f"{k}: {_show(old.get(k, _MISSING))} -> {_show(new.get(k, _MISSING))}" for k in keys)
 
 
 def _show(value) -> str:

@@ -48,10 +48,14 @@ def main(argv=None) -> int:
     parser.add_argument("--arith-prompts", type=int, default=48, help="arithmetic prompts (K = 4 each; 0 skips)")
     parser.add_argument("--batch-size", type=int, default=64, help="FLR continuations per forward pass")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--cache", type=Path, default=REPO / "runs" / "cache", help="score cache folder")
+    parser.add_argument("--cache", type=Path, default=None, help="score cache folder (default: NCA_KIT_CACHE or runs/cache)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "flr_eval", help="tables and results.json")
     parser.add_argument("--figures", type=Path, default=None, help="figure folder (default: --out)")
     args = parser.parse_args(argv)
+    if args.cache is None:
+        from nca_kit.cache import default_cache_dir
+
+        args.cache = default_cache_dir()
 
     start = time.time()
     torch.set_num_threads(args.threads)

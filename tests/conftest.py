@@ -36,11 +36,24 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("notebook_path", paths, ids=ids)
 
 
+def notebook_mode() -> str:
+    """``NCA_KIT_NOTEBOOKS``: ``smoke`` (default; ``make test``) or ``full`` (``make test NOTEBOOKS=full``, what CI
+    runs: every course notebook in the size ``make demo`` runs it, compared with its stored outputs)."""
+    mode = os.environ.get("NCA_KIT_NOTEBOOKS", "smoke").strip().lower() or "smoke"
+    if mode not in ("smoke", "full"):
+        raise pytest.UsageError(f"NCA_KIT_NOTEBOOKS must be 'smoke' or 'full', got {mode!r}")
+    return mode
+
+
 @pytest.fixture
 def notebook_env(tmp_path, monkeypatch) -> dict[str, str]:
-    """Environment for executing notebooks in a test: ``NCA_KIT_SMOKE=1``, ``NCA_KIT_OUT`` a fresh temporary folder,
-    and no ``MPLBACKEND`` (a backend forced for scripts would keep figures out of the notebook outputs)."""
-    monkeypatch.setenv("NCA_KIT_SMOKE", "1")
+    """Environment for executing notebooks in a test: ``NCA_KIT_SMOKE=1`` (unless :func:`notebook_mode` is
+    ``full``), ``NCA_KIT_OUT`` a fresh temporary folder, and no ``MPLBACKEND`` (a backend forced for scripts would
+    keep figures out of the notebook outputs)."""
+    if notebook_mode() == "full":
+        monkeypatch.delenv("NCA_KIT_SMOKE", raising=False)
+    else:
+        monkeypatch.setenv("NCA_KIT_SMOKE", "1")
     monkeypatch.setenv("NCA_KIT_OUT", str(tmp_path / "out"))
     monkeypatch.delenv("MPLBACKEND", raising=False)
     return dict(os.environ)

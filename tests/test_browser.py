@@ -145,7 +145,7 @@ def test_lecture_runs_in_jupyterlab(lab, browser, name, tmp_path):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
         page.goto(f"{url}/lab/tree/{name}?token={token}", wait_until="domcontentloaded", timeout=120_000)
-        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+        page.wait_for_selector(".jp-Notebook .jp-Cell", state="attached", timeout=120_000)
         page.wait_for_selector("#jp-main-statusbar >> text=Idle", timeout=120_000)
         started = time.monotonic()
         page.get_by_role("menuitem", name="Run", exact=True).click()
@@ -154,8 +154,11 @@ def test_lecture_runs_in_jupyterlab(lab, browser, name, tmp_path):
         try:
             page.wait_for_function(
                 """() => {
+                    // Done when every code cell has run, or as soon as one shows an error (Run All stops there).
                     const prompts = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')];
-                    return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
+                    const failed = [...document.querySelectorAll('.jp-OutputArea-output')]
+                        .some(e => /Traceback|\\w+Error: /.test(e.textContent));
+                    return failed || (prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent)));
                 }""", timeout=RUN_TIMEOUT_S * 1000, polling=1000)
         except Exception:
             page.screenshot(path=str(shots / f"{name[:-6]}_timed_out.png"), full_page=True)
@@ -168,10 +171,23 @@ def test_lecture_runs_in_jupyterlab(lab, browser, name, tmp_path):
         assert not tracebacks, f"{name}: error outputs in the page: {[t[:300] for t in tracebacks]}"
 
         # Figures: every img rendered with a size, one per PNG output the kernel sent.
+        # Each is scrolled into view first: JupyterLab may hide the cells outside the viewport (windowing).
         images = page.eval_on_selector_all(
             ".jp-OutputArea-output img",
-            "els => els.map(e => [e.naturalWidth, e.getBoundingClientRect().width, e.getBoundingClientRect().height])")
-        assert images and all(w > 0 and bw > 0 and bh > 0 for w, bw, bh in images), f"{name}: unrendered {images}"
+            """async els => {
+                const sizes = [];
+                for (const e of els) {
+                    e.scrollIntoView({block: "center"});
+                    await new Promise(done => setTimeout(done, 200));
+                    const box = e.getBoundingClientRect();
+                    sizes.push([e.naturalWidth, box.width, box.height]);
+                }
+                return sizes;
+            }""")
+        # Every img loaded (no broken image); the ones laid out on the page are the figures. JupyterLab can keep
+        # the outputs a cell had before Run All in hidden nodes (zero size): they are not counted.
+        assert images and all(w > 0 for w, _, _ in images), f"{name}: an image did not load: {images}"
+        shown = [img for img in images if img[1] > 0 and img[2] > 0]
 
         # Widgets: the sliders are drawn, none failed, and moving one redraws the figure below it.
         assert page.locator(".jp-OutputArea-output >> text=Error displaying widget").count() == 0
@@ -196,8 +212,8 @@ def test_lecture_runs_in_jupyterlab(lab, browser, name, tmp_path):
         page.wait_for_function("() => !document.querySelector('.jp-mod-dirty')", timeout=60_000)
         saved = root / name
         assert not _errors(saved), f"{name}: {_errors(saved)}"
-        assert len(images) >= _png_outputs(saved) > 0, f"{name}: {len(images)} imgs for {_png_outputs(saved)} PNGs"
-        print(f"{name}: all cells ran in {elapsed:.0f} s through the UI; {len(images)} figures, "
+        assert len(shown) >= _png_outputs(saved) > 0, f"{name}: {len(shown)} figures shown for {_png_outputs(saved)} PNGs"
+        print(f"{name}: all cells ran in {elapsed:.0f} s through the UI; {len(shown)} figures, "
               f"{sliders.count()} sliders; screenshots in {shots}")
     finally:
         page.close()

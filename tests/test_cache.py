@@ -155,3 +155,30 @@ def test_a_tampered_reference_chunk_is_recomputed(tmp_path):
     with pytest.warns(UserWarning, match=chunk.name):
         again = train(config, dataset=datasets.Dataset.from_list(reward_rows(4)))
     assert again.losses == pytest.approx(first.losses, abs=1e-6)
+
+
+def test_shipped_entries_are_read_verified_and_never_written(tmp_path):
+    import numpy as np
+
+    from nca_kit.cache import Cache
+
+    shipped, own = tmp_path / "shipped", tmp_path / "own"
+    settings = {"texts": ["a", "b"]}
+    Cache(shipped, shipped=False).array("emb", settings, lambda: np.arange(6, dtype=np.float32).reshape(2, 3))
+    calls = []
+    cache = Cache(own, shipped=shipped)
+    value = cache.array("emb", settings, lambda: calls.append(1) or np.zeros((2, 3), np.float32))
+    assert cache.last_hit and not calls and value[1, 2] == 5 and not own.exists()  # read from the shipped folder
+    entry = next(shipped.glob("emb_*.npy"))
+    entry.write_bytes(entry.read_bytes()[:-4] + b"\0\0\0\0")  # a damaged shipped entry is not trusted
+    with pytest.warns(UserWarning, match="does not match the digest"):
+        value = Cache(own, shipped=shipped).array("emb", settings, lambda: np.ones((2, 3), np.float32))
+    assert value.sum() == 6 and len(list(own.glob("emb_*.npy"))) == 1  # recomputed into the own folder
+    assert Cache(own, shipped=shipped).get_array("emb", settings).sum() == 6  # the own entry wins from now on
+
+
+def test_shipped_cache_can_be_switched_off(monkeypatch):
+    from nca_kit.cache import shipped_cache_dir
+
+    monkeypatch.setenv("NCA_KIT_SHIPPED_CACHE", "0")
+    assert shipped_cache_dir() is None

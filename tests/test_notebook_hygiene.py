@@ -2,9 +2,9 @@
 
 The conventions (see the notebooks' own first cells and ``tests/test_notebooks.py``):
 
-* kernelspec ``python3``; the first cell is markdown with a ``# Title``;
+* kernelspec ``python3`` shown as the name ``make setup`` installs; the first cell is markdown with a ``# Title``;
 * the second cell is the papermill ``parameters`` cell (tag ``parameters``) and holds literal assignments only,
-  including ``SMOKE``; derived values live in the third cell, which reads ``NCA_KIT_SMOKE`` and ``NCA_KIT_OUT``;
+  including ``SMOKE``; derived values live in the third cell, which reads ``NCA_KIT_SMOKE`` and sets ``OUT = out_dir()``;
 * stored outputs: no errors, no machine paths, no memory addresses, no timings, no execution metadata; execution
   counts strictly increasing in cell order (a GPU-only notebook may instead be stored without any outputs);
 * ``metadata["nca_kit"]``, if present, is ``{"nbval": "strict" | "lax", "requires_gpu": bool}``.
@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import ast
 import re
+from pathlib import Path
 
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
+REPO = Path(__file__).resolve().parents[1]
 MACHINE_PATH = re.compile(
     r"(/work/|/tmp/|/root/|/home/|/Users/|/mnt/|/private/|/var/folders/|/opt/conda|site-packages|"
     r"\b[A-Za-z]:\\)")
@@ -42,10 +44,22 @@ def _output_texts(cell):
             yield "\n".join(output.get("traceback", []))
 
 
+def installed_display_name() -> str:
+    """The kernel display name ``make setup`` installs (``ipykernel install --display-name ...`` in the Makefile):
+    a stored notebook with another one changes on its first save in JupyterLab, a diff for every student."""
+    match = re.search(r'--display-name "([^"]+)"', (REPO / "Makefile").read_text())
+    assert match, "the Makefile's setup target installs the kernel with --display-name"
+    return match.group(1)
+
+
 def check_structure(nb) -> list[str]:
     problems = []
-    if nb.metadata.get("kernelspec", {}).get("name") != "python3":
-        problems.append(f"kernelspec name is {nb.metadata.get('kernelspec', {}).get('name')!r}, not 'python3'")
+    kernelspec = nb.metadata.get("kernelspec", {})
+    if kernelspec.get("name") != "python3":
+        problems.append(f"kernelspec name is {kernelspec.get('name')!r}, not 'python3'")
+    if kernelspec.get("display_name") != installed_display_name():
+        problems.append(f"kernelspec display_name is {kernelspec.get('display_name')!r}, not "
+                        f"{installed_display_name()!r} (the kernel make setup installs)")
     cells = nb.cells
     if len(cells) < 3:
         return problems + [f"only {len(cells)} cells: need title, parameters and setup cells"]
@@ -59,9 +73,11 @@ def check_structure(nb) -> list[str]:
     if setup.cell_type != "code":
         problems.append("third cell must be the code cell of derived values")
     else:
-        for variable in ("NCA_KIT_SMOKE", "NCA_KIT_OUT"):
-            if variable not in setup.source:
-                problems.append(f"third cell must read the environment variable {variable}")
+        if "NCA_KIT_SMOKE" not in setup.source:
+            problems.append("third cell must read the environment variable NCA_KIT_SMOKE")
+        if not re.search(r"^OUT = out_dir\(\)", setup.source, re.MULTILINE):
+            problems.append("third cell must set OUT = out_dir() (nca_kit.paths: NCA_KIT_OUT, else the checkout's "
+                            "runs/lab, wherever the notebook is opened)")
     return problems
 
 
@@ -178,12 +194,12 @@ def _good_notebook():
     cells = [new_markdown_cell("# A lecture\n\nWhat you will see."),
              new_code_cell("SMOKE = False  # switch\nN = 3\nALPHA = -0.5\nNAMES = ['a', 'b']", execution_count=1),
              new_code_cell("import os\nSMOKE = SMOKE or os.environ.get('NCA_KIT_SMOKE') == '1'\n"
-                           "OUT = os.environ.get('NCA_KIT_OUT', 'runs')", execution_count=2),
+                           "OUT = out_dir()", execution_count=2),
              new_code_cell("print(N)", execution_count=3,
                            outputs=[new_output("stream", name="stdout", text="3\n")])]
     cells[1].metadata["tags"] = ["parameters"]
     nb = new_notebook(cells=cells)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": installed_display_name(), "language": "python"}
     nb.metadata["nca_kit"] = {"nbval": "strict", "requires_gpu": False}
     return nb
 
@@ -194,12 +210,15 @@ def test_checks_accept_a_clean_notebook():
 
 @pytest.mark.parametrize("breakage, expected", [
     (lambda nb: nb.metadata.kernelspec.update(name="conda-env"), "kernelspec"),
+    (lambda nb: nb.metadata.kernelspec.update(display_name="Python 3"), "display_name"),
     (lambda nb: setattr(nb.cells[0], "source", "Just text"), "Title"),
     (lambda nb: nb.cells[1].metadata.update(tags=[]), "tagged 'parameters'"),
     (lambda nb: setattr(nb.cells[1], "source", "SMOKE = False\nN = len('abc')"), "not assigned a literal"),
     (lambda nb: setattr(nb.cells[1], "source", "SMOKE = False\nimport os"), "only 'NAME = literal'"),
     (lambda nb: setattr(nb.cells[1], "source", "N = 3"), "must define SMOKE"),
     (lambda nb: setattr(nb.cells[2], "source", "OUT = 'runs'"), "NCA_KIT_SMOKE"),
+    (lambda nb: setattr(nb.cells[2], "source", "import os\nSMOKE = os.environ.get('NCA_KIT_SMOKE')\nOUT = 'runs'"),
+     "out_dir"),
     (lambda nb: nb.cells[3].outputs.append(new_output("error", ename="ValueError", evalue="x", traceback=[])),
      "stored error"),
     (lambda nb: setattr(nb.cells[3].outputs[0], "text", "saved to /home/me/runs/a.png\n"), "machine path"),

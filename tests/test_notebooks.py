@@ -1,4 +1,5 @@
-"""Notebook tests: every notebook under ``notebooks/`` runs under nbval with the smoke switch on.
+"""Notebook tests: every notebook under ``notebooks/`` runs under nbval, with the smoke switch on (``make test``) or in
+full size (``make test NOTEBOOKS=full``: the notebooks ``make demo`` runs, in the size it runs them; what CI runs).
 
 How stored outputs are compared
 -------------------------------
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import notebook_mode
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,8 +63,9 @@ def nbval_command(path: Path) -> list[str]:
 def test_notebook_passes_nbval(notebook_path, notebook_env, tmp_path):
     if runner.requires_gpu(notebook_path) and not runner.cuda_available():
         pytest.skip("notebook requires a GPU (metadata nca_kit.requires_gpu) and CUDA is not available")
+    full = notebook_mode() == "full"
     result = subprocess.run(nbval_command(notebook_path), cwd=REPO, env=notebook_env, capture_output=True,
-                            text=True, timeout=900)
+                            text=True, timeout=3600 if full else 900)
     report = (result.stdout + result.stderr)[-6000:]
     assert result.returncode == 0, f"nbval failed on {notebook_path.name}:\n{report}"
     figures = list((tmp_path / "out").glob("*.png"))
