@@ -34,11 +34,11 @@ from nca_kit.rewards.sources import REWARD_SOURCES
 
 HEADLINE = ("dpo", "infonca", "nca")
 EXTRA = tuple(m for m in METHODS if m not in HEADLINE)
-__all__ = ["HEADLINE", "EXTRA", "plan", "plan_sources", "parse_value", "specs", "execute", "run_all", "collect",
-           "alpha_beta_specs", "collect_alpha_beta"]
+__all__ = ["HEADLINE", "EXTRA", "plan_methods", "plan_sources", "parse_value", "specs", "execute", "run_all",
+           "collect", "alpha_beta_specs", "collect_alpha_beta"]
 
 
-def plan(methods, seeds, ks_ablation) -> list[tuple[str, int, int]]:
+def plan_methods(methods, seeds, ks_ablation) -> list[tuple[str, int, int]]:
     """(method, K, seed) in execution order: every method at K = 4 seed by seed, then the K ablation."""
     runs = [(m, 4, s) for s in seeds for m in methods]
     runs += [(m, k, s) for s in seeds for k in ks_ablation for m in ("infonca", "nca") if k != 4]

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
             runs = grid.alpha_beta_specs(args.alphas, args.betas, args.seeds, args.methods, params, args.smoke)
         else:
             planned = (grid.plan_sources(methods, args.seeds, args.sources) if args.sources
-                       else grid.plan(methods, args.seeds, ks))
+                       else grid.plan_methods(methods, args.seeds, ks))
             runs = grid.specs(planned, params, args.smoke)
         failed = grid.run_all(runs, out, params, alpha_beta=alpha_beta)
     if alpha_beta:

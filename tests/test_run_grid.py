@@ -34,12 +34,12 @@ def write_runs(out: Path, records: list[dict]) -> None:
 
 
 def test_plan_runs_every_method_of_a_seed_before_the_next_seed():
-    runs = grid.plan(["dpo", "infonca", "nca"], [0, 1], [2, 3])
+    runs = grid.plan_methods(["dpo", "infonca", "nca"], [0, 1], [2, 3])
     assert runs[:3] == [("dpo", 4, 0), ("infonca", 4, 0), ("nca", 4, 0)]
     assert runs[3:6] == [("dpo", 4, 1), ("infonca", 4, 1), ("nca", 4, 1)]
     assert set(runs[6:]) == {(m, k, s) for m in ("infonca", "nca") for k in (2, 3) for s in (0, 1)}
     # the K ablation always covers both reward methods, and K = 4 is not run twice
-    assert grid.plan(["nca"], [0], [2, 4]) == [("nca", 4, 0), ("infonca", 2, 0), ("nca", 2, 0)]
+    assert grid.plan_methods(["nca"], [0], [2, 4]) == [("nca", 4, 0), ("infonca", 2, 0), ("nca", 2, 0)]
 
 
 def test_parse_value_reads_python_literals_and_keeps_text():
@@ -90,7 +90,7 @@ def test_collect_without_runs_says_so(tmp_path, capsys):
 
 
 def test_grid_specs_take_notebook_parameter_names_and_fail_before_any_run():
-    runs = grid.plan(["dpo", "nca"], [0], [])
+    runs = grid.plan_methods(["dpo", "nca"], [0], [])
     specs = grid.specs(runs, {"STEPS": 12, "N_EVAL": 50, "lr": 1e-4}, smoke=False)
     assert [s.run_name for s in specs] == ["dpo_k4_s0", "nca_k4_s0"]
     assert all((s.steps, s.n_eval, s.lr) == (12, 50, 1e-4) for s in specs)
