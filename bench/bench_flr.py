@@ -52,7 +52,9 @@ def timed(fn):
 
 def main(argv=None) -> int:
     from nca_kit.models import load_smollm2
+    from nca_kit.data import as_messages
     from nca_kit.rewards import followup as flr
+    from nca_kit.rewards import followup_texts
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--responses", type=int, default=8, help="responses scored by each path")
@@ -68,7 +70,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_smollm2()
     prompts, texts, source = responses(args.responses, args.seed)
-    n_followups = len(flr._flatten(flr.load_followups(None, args.categories)))
+    n_followups = len(followup_texts.flatten_followups(followup_texts.load_followups(None, args.categories)))
     kwargs = dict(categories=args.categories, batch_size=args.batch_size, progress=False)
     paths = {"naive": dict(share_prefix=False), "cache": dict(layout="cache"), "tree": dict(layout="tree")}
     for options in paths.values():  # warm-up (allocator, kernels)
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
             for name, s in scores.items()}
     reward_diff = max(float(np.abs(s.rewards(v) - naive.rewards(v)).max()) for s in scores.values()
                       for v in flr.VARIANTS)
-    prefix_tokens = [len(flr._conversation_prefix(tokenizer, flr.normalize_prompt(p), r, 1024))
+    prefix_tokens = [len(followup_texts.conversation_prefix(tokenizer, as_messages(p), r, 1024))
                      for p, r in zip(prompts, texts)]
     result = {
         "model": "SmolLM2-135M-Instruct (offline GGUF, float32)",

@@ -11,8 +11,9 @@ show each step; :func:`run_experiment` runs all steps and returns the record (wh
 The steps (each timed into ``record["seconds"]``):
 
 1. ``load_data`` — the arithmetic reward dataset of :mod:`nca_kit.generate` (``data/`` holds the default one), its
-   rewards then given by the ``reward_source`` (:data:`REWARD_SOURCES`: the golden rubric, embedding reward models,
-   follow-up likelihood, Direct, or random), and that source's agreement with the rubric (:func:`reward_quality`);
+   rewards then given by the ``reward_source`` (:data:`nca_kit.rewards.sources.REWARD_SOURCES`: the golden rubric,
+   embedding reward models, follow-up likelihood, Direct, or random), and that source's agreement with the rubric
+   (:func:`reward_quality`);
 2. ``method_rows`` — the training rows of ``method`` (:data:`METHODS`: pairs or K scored responses);
 3. ``load_model`` + ``evaluate_base`` — the policy with fresh LoRA adapters, and the base model (adapters off)
    evaluated once per setting (cached);
@@ -32,8 +33,9 @@ Record schema (``<out>/tiny_runs/<run>/results.json``, one JSON object; :func:`f
     seconds         wall time per step: data, model, base_eval, train, eval, total; train_seconds = seconds.train
     paths           run_dir, results, metrics (metrics.jsonl), config (config.yaml), adapter
 
-Adding a reward source: one function ``(train_split, spec, cache_dir) -> train_split with new rewards`` and one line
-in :data:`REWARD_SOURCES`. Adding a method: one line in :data:`METHODS` (a loss of :mod:`nca_kit.losses`).
+Adding a reward source: one function ``(dataset, settings) -> dataset with new rewards`` and one line in
+:data:`nca_kit.rewards.sources.REWARD_SOURCES`. Adding a method: one line in :data:`METHODS` (a loss of
+:mod:`nca_kit.losses`).
 """
 
 from __future__ import annotations
@@ -46,13 +48,18 @@ import re
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable
 
 from nca_kit import data as kit_data
 from nca_kit import eval as ev
 from nca_kit.cache import default_cache_dir
 from nca_kit.generate import GenerationSettings, load_or_generate
-from nca_kit.tasks import score
+from nca_kit.losses import loss_spec
+from nca_kit.rewards.sources import (  # noqa: F401  (FITTED_SOURCES, rubric_rewards: kept importable here, notebook 12
+    FITTED_SOURCES,  #                    imports rubric_rewards from this module)
+    REWARD_SOURCES,
+    SourceSettings,
+    rubric_rewards,
+)
 
 __all__ = [
     "METHODS",
@@ -75,17 +82,18 @@ __all__ = [
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = _REPO_ROOT / "data"  # committed datasets, searched before the cache
 
-#: method -> (what it trains on, loss_type for nca_kit.training). "pairs": one Zephyr-style pair per prompt (the best
-#: response against one drawn among the strictly worse ones); "rewards": the K scored responses of each prompt.
+#: method -> its loss (:data:`nca_kit.losses.LOSSES`: ``loss_type``, data kind, whether it reads alpha). Pairwise
+#: losses train on one Zephyr-style pair per prompt (the best response against one drawn among the strictly worse
+#: ones); reward losses on the K scored responses of each prompt.
 METHODS = {
-    "dpo": ("pairs", "dpo"),  # DPO on pruned pairs (Table 2's "DPO" row, UltraFeedback-binarized style)
-    "pair_nca": ("pairs", "nca"),  # pairwise NCA (Eq. 12) on the same pairs
-    "dpo_x3": ("rewards", "dpo_best_vs_rest"),  # DPO x (K-1): the best against each other response
-    "dpo_all_pairs": ("rewards", "dpo_all_pairs"),  # DPO x C(K,2): every pair ordered by reward
-    "infonca": ("rewards", "infonca"),  # InfoNCA (Eq. 6) on the K rewards
-    "nca": ("rewards", "nca"),  # NCA (Eq. 11) on the K rewards
+    "dpo": loss_spec("dpo", "pairwise"),  # DPO on pruned pairs (Table 2's "DPO" row, UltraFeedback-binarized style)
+    "pair_nca": loss_spec("nca", "pairwise"),  # pairwise NCA (Eq. 12) on the same pairs
+    "dpo_x3": loss_spec("dpo_best_vs_rest", "reward"),  # DPO x (K-1): the best against each other response
+    "dpo_all_pairs": loss_spec("dpo_all_pairs", "reward"),  # DPO x C(K,2): every pair ordered by reward
+    "infonca": loss_spec("infonca", "reward"),  # InfoNCA (Eq. 6) on the K rewards
+    "nca": loss_spec("nca", "reward"),  # NCA (Eq. 11) on the K rewards
 }
-PAIR_METHODS = tuple(m for m, (kind, _) in METHODS.items() if kind == "pairs")
+PAIR_METHODS = tuple(m for m, loss in METHODS.items() if loss.data == "pairwise")
 
 #: Data sources a spec can name: "arith" is the kit's verifiable arithmetic set sampled from the spec's model.
 DATA_SOURCES = ("arith",)
@@ -99,123 +107,8 @@ EVAL_METRICS = ("greedy_accuracy", "sample_reward", "sample_accuracy", "kl")
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Reward sources: who scores the K responses of the training set
+# Reward sources (nca_kit.rewards.sources): who scores the K responses of the training set, and how well
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def rubric_rewards(train, spec: ExperimentSpec, cache_dir=None):
-    """The deterministic rubric of :func:`nca_kit.tasks.score` (0-10: correctness 6, format 2, brevity 2).
-
-    Re-scores every response from its text, the known answer and whether sampling cut it off; on the committed
-    dataset this gives back exactly the stored rewards (tested). It is the golden reward every other source is
-    measured against.
-    """
-    rewards = [[score(y, answer, truncated=cut).total for y, cut in zip(ys, cuts)]
-               for ys, answer, cuts in zip(train["responses"], train["answer"], train["truncated"])]
-    return train.remove_columns("rewards").add_column("rewards", rewards)
-
-
-def _source_settings(train, spec: ExperimentSpec, **extra) -> dict:
-    """What a learned source's scores depend on: the texts (prompts and responses) and the source's own settings."""
-    from nca_kit.cache import settings_key
-
-    return {"version": _SOURCES_VERSION, "source": spec.reward_source,
-            "texts": settings_key([list(train["prompt"]), list(train["responses"])], length=32), "n": len(train),
-            **extra}
-
-
-def _with_rewards(train, rewards):
-    """``train`` with ``rewards`` (B rows of K). A reward is a function of (prompt, answer): answers that repeat
-    within a prompt get the mean of their scores (a random draw each, or float noise of batched scoring, would
-    otherwise give one text two rewards, which the training data checks refuse)."""
-    if len(rewards) != len(train) or any(len(r) != len(ys) for r, ys in zip(rewards, train["responses"])):
-        raise ValueError(f"reward_source returned {len(rewards)} rows of rewards for {len(train)} prompts")
-    out = []
-    for ys, rs in zip(train["responses"], rewards):
-        by_text: dict[str, list[float]] = {}
-        for y, r in zip(ys, rs):
-            by_text.setdefault(y, []).append(float(r))
-        out.append([sum(by_text[y]) / len(by_text[y]) for y in ys])
-    return train.remove_columns("rewards").add_column("rewards", out)
-
-
-def embedding_rewards(train, spec: ExperimentSpec, cache_dir=None):
-    """A reward model on frozen all-MiniLM-L6-v2 embeddings (:mod:`nca_kit.rewards.embedding`; ``embedding_bt``:
-    Bradley-Terry head, ``embedding_clf``: classification head), fitted on simulated annotations of the *last*
-    ``reward_fit_prompts`` training prompts: every pair of answers to one prompt with different rubric rewards,
-    labelled by a perfect annotator (tau = 0, no flips). It then scores the answers of the first ``reward_prompts``
-    training prompts, the ones the policy trains on, which it never saw. The head's initialisation is seeded by
-    ``spec.seed``."""
-    from nca_kit.cache import Cache
-    from nca_kit.rewards import embedding
-
-    head = embedding.REWARD_SOURCES[spec.reward_source]
-    fit = train.select(range(len(train) - spec.reward_fit_prompts, len(train)))
-    scored = train.select(range(spec.reward_prompts))
-
-    def compute():
-        golden = rubric_rewards(fit, spec)
-        try:
-            model = embedding.fit_reward_model(golden, head, seed=spec.seed, embed_kwargs={"cache_dir": cache_dir})
-        except ValueError as err:
-            raise ValueError(f"reward_source {spec.reward_source} could not be fitted on the last "
-                             f"reward_fit_prompts = {spec.reward_fit_prompts} training prompts: {err}") from None
-        return list(embedding.score_reward_dataset(model, scored)["rewards"])
-
-    settings = _source_settings(scored, spec, head=head, seed=spec.seed, embedder=embedding.MINILM,
-                                fit_texts=_source_settings(fit, spec)["texts"])
-    return _with_rewards(scored, Cache(cache_dir).json(f"rewards_{spec.reward_source}", settings, compute))
-
-
-def followup_rewards(train, spec: ExperimentSpec, cache_dir=None):
-    """Scores of the spec's own model with no training (:mod:`nca_kit.rewards.followup`): ``flr``, the follow-up
-    likelihood of the correctness follow-ups (:data:`~nca_kit.rewards.followup.ARITHMETIC_FOLLOWUPS`, 10 satisfied
-    and 10 dissatisfied replies, the paper's variant), or ``direct``, the answer's own mean token log-probability.
-    Scores the answers of the policy prompts (the first ``reward_prompts``). The model is loaded only
-    when the scores are not cached yet; the module's own cache keeps them block by block, so an interrupted
-    scoring resumes."""
-    from nca_kit.cache import Cache
-    from nca_kit.models import load_model
-    from nca_kit.rewards import followup
-
-    scored = train.select(range(spec.reward_prompts))
-    extra = {"followups": "arithmetic", "variant": "paper"} if spec.reward_source == "flr" else {}
-
-    def compute():
-        model, tokenizer = load_model(spec.model, device=spec.device)
-        rewards = followup.rescore_reward_dataset(scored, spec.reward_source, model, tokenizer, cache_dir=cache_dir,
-                                               progress=False, **extra)["rewards"]
-        return list(rewards)
-
-    settings = _source_settings(scored, spec, model=spec.model, **extra)
-    return _with_rewards(scored, Cache(cache_dir).json(f"rewards_{spec.reward_source}", settings, compute))
-
-
-def random_rewards(train, spec: ExperimentSpec, cache_dir=None):
-    """The control: rewards drawn uniformly from [0, 10) for the answers of the policy prompts, seeded by
-    ``spec.seed``. Training on them still trains on the model's own samples, with a preference that carries no
-    information."""
-    import numpy as np
-
-    scored = train.select(range(spec.reward_prompts))
-    rng = np.random.default_rng([spec.seed, 0x5EED])
-    return _with_rewards(scored, [rng.uniform(0, 10, size=len(ys)).tolist() for ys in scored["responses"]])
-
-
-#: name -> function ``(train split, spec, cache_dir) -> train split with its "rewards" column re-scored``. Every
-#: source but the rubric scores the first ``reward_prompts`` training prompts (the policy prompts) and returns only
-#: those; the embedding heads are fitted on the last ``reward_fit_prompts``, which the policy never sees.
-REWARD_SOURCES: dict[str, Callable] = {
-    "rubric": rubric_rewards,  # golden: the rubric itself
-    "embedding_bt": embedding_rewards,  # Bradley-Terry head on MiniLM embeddings, fitted on the other prompts
-    "embedding_clf": embedding_rewards,  # classification head, same annotations
-    "flr": followup_rewards,  # follow-up likelihood of the policy's base model (correctness follow-ups)
-    "direct": followup_rewards,  # the base model's own mean token log-probability of the answer
-    "random": random_rewards,  # control: uniform noise, seeded by the spec's seed
-}
-#: Sources fitted on annotations (of the last ``reward_fit_prompts`` training prompts).
-FITTED_SOURCES = ("embedding_bt", "embedding_clf")
-_SOURCES_VERSION = "sources-v1"  # bump when a source's scoring changes (it keys the cached rewards)
 
 
 def check_scored(train, what: str = "dataset") -> None:
@@ -232,12 +125,12 @@ def reward_quality(scored, golden, alpha: float | None = None) -> dict:
     """How well a source's rewards (``scored``, B rows of K) order the answers like the rubric (``golden``, the same
     B rows): within-prompt pairwise accuracy over pairs with different rubric rewards, Spearman's rho over all
     answers and its mean per prompt, order consistency over all pairs, and Best-of-K (the rubric reward of the
-    answer the source ranks first; :func:`nca_kit.rewards.embedding.evaluate`). With ``alpha``: ``top_label``, the
+    answer the source ranks first; :func:`nca_kit.rewards.metrics.evaluate`). With ``alpha``: ``top_label``, the
     mean largest soft label ``max_i softmax(r / alpha)_i`` that InfoNCA / NCA train on (1.0: one-hot on the
     source's best answer, so only the source's order matters)."""
     import numpy as np
 
-    from nca_kit.rewards.embedding import evaluate
+    from nca_kit.rewards.metrics import evaluate
 
     check_scored(scored, "scored")
     check_scored(golden, "golden")
@@ -350,7 +243,7 @@ class ExperimentSpec:
 
     @property
     def loss_type(self) -> str:
-        return METHODS[self.method][1]
+        return METHODS[self.method].name
 
     @property
     def k_trained(self) -> int:
@@ -373,6 +266,11 @@ class ExperimentSpec:
             max_length=self.max_length, output_dir=str(output_dir), seed=self.seed, disable_tqdm=True,
             save_total_limit=None,
         )
+
+    def source_settings(self, cache_dir=None) -> SourceSettings:
+        """What the reward source reads (:class:`nca_kit.rewards.sources.SourceSettings`) from this spec."""
+        return SourceSettings(reward_prompts=self.reward_prompts, reward_fit_prompts=self.reward_fit_prompts,
+                              seed=self.seed, model=self.model, device=self.device, cache_dir=cache_dir)
 
     def smoke_sized(self) -> tuple[ExperimentSpec, str]:
         """This spec at :data:`SMOKE_SIZES`, and one line saying which settings that changed."""
@@ -424,14 +322,14 @@ def method_dataset(train, method: str, *, k: int = 4, seed: int = 0):
     """
     _require_in("method", method, METHODS)
     check_scored(train, "train")
-    kind, loss_type = METHODS[method]
+    loss = METHODS[method]
     columns = [c for c in ("prompt", "responses", "rewards", "id", "source") if c in train.column_names]
     rewards_only = train.select_columns(columns)
-    if kind == "pairs":
-        return kit_data.rewards_to_pairs(rewards_only, "zephyr", seed=seed), loss_type
+    if loss.data == "pairwise":
+        return kit_data.rewards_to_pairs(rewards_only, "zephyr", seed=seed), loss.name
     if k < max(len(r) for r in rewards_only["rewards"]):
         rewards_only = kit_data.subsample_responses(rewards_only, k, seed=seed)
-    return rewards_only, loss_type
+    return rewards_only, loss.name
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -481,12 +379,12 @@ class Experiment:
                                             search_dirs=(self.data_dir,), progress=self.progress,
                                             train_prefix=prefix)
             train = self.dataset["train"]
-            self.train_split = REWARD_SOURCES[spec.reward_source](train, spec, cache_dir=self.cache_dir)
+            self.train_split = REWARD_SOURCES[spec.reward_source](train, spec.source_settings(self.cache_dir))
             check_scored(self.train_split, f"reward_source {spec.reward_source}")
             self.test_split = self.dataset["test"]
             policy = min(spec.reward_prompts, len(self.train_split))
             self.reward_quality = reward_quality(self.train_split.select(range(policy)),
-                                                 rubric_rewards(train.select(range(policy)), spec), spec.alpha)
+                                                 rubric_rewards(train.select(range(policy))), spec.alpha)
         return self.dataset
 
     def method_rows(self):

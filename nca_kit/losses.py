@@ -46,11 +46,16 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "LossSpec",
+    "LOSSES",
+    "loss_spec",
     "REWARD_LOSS_TYPES",
     "PREFERENCE_LOSS_TYPES",
     "LOSS_TYPES_FOR",
@@ -71,11 +76,6 @@ __all__ = [
     "nca_pair_loss",
     "ipo_pair_loss",
 ]
-
-REWARD_LOSS_TYPES = ("infonca", "nca", "dpo_best_vs_rest", "dpo_all_pairs")  # keys of REWARD_LOSSES (below)
-PREFERENCE_LOSS_TYPES = ("dpo", "infonca", "nca", "ipo")  # keys of PREFERENCE_LOSSES (below)
-# Which loss types each kind of data takes ("preference" is the toy's name for pairwise data).
-LOSS_TYPES_FOR = {"reward": REWARD_LOSS_TYPES, "pairwise": PREFERENCE_LOSS_TYPES, "preference": PREFERENCE_LOSS_TYPES}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -475,17 +475,62 @@ def ipo_pair_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float) -> 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The one loss dispatch. Reward losses: (model_rewards (B, K), rewards (B, K), mask (B, K), alpha) -> (B,);
-# preference losses: (chosen (B,), rejected (B,), beta) -> (B,). A new loss is one function and one entry here.
+# The one loss table. Every loss is declared once, in LOSSES; the dispatch tables, the lists of loss types and the
+# run layer's methods (nca_kit.experiment.METHODS) are derived from it. A new loss is one function and one line here.
 # --------------------------------------------------------------------------------------------------------------------
 
-REWARD_LOSSES = {
-    "infonca": lambda model_rewards, rewards, mask, alpha: infonca_loss(
-        model_rewards, _soft_labels(rewards, alpha, mask).to(model_rewards.dtype), mask),
-    "nca": lambda model_rewards, rewards, mask, alpha: nca_loss(
-        model_rewards, _soft_labels(rewards, alpha, mask).to(model_rewards.dtype), mask),
-    "dpo_best_vs_rest": lambda model_rewards, rewards, mask, alpha: dpo_best_vs_rest_loss(model_rewards, rewards, mask),
-    "dpo_all_pairs": lambda model_rewards, rewards, mask, alpha: dpo_all_pairs_loss(model_rewards, rewards, mask),
-}
-PREFERENCE_LOSSES = {"dpo": dpo_pair_loss, "infonca": dpo_pair_loss, "nca": nca_pair_loss, "ipo": ipo_pair_loss}
-assert tuple(REWARD_LOSSES) == REWARD_LOSS_TYPES and tuple(PREFERENCE_LOSSES) == PREFERENCE_LOSS_TYPES
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One loss: its ``loss_type``, the data it trains on and whether it reads the reward temperature α.
+
+    ``data="reward"``: K scored responses per prompt, ``fn(model_rewards (B, K), rewards (B, K), mask (B, K), alpha)
+    -> (B,)``; ``data="pairwise"``: a chosen and a rejected response, ``fn(chosen (B,), rejected (B,), beta) -> (B,)``.
+    """
+
+    name: str
+    data: str
+    fn: Callable
+    uses_alpha: bool
+
+
+def _infonca_on_rewards(model_rewards, rewards, mask, alpha):
+    return infonca_loss(model_rewards, _soft_labels(rewards, alpha, mask).to(model_rewards.dtype), mask)
+
+
+def _nca_on_rewards(model_rewards, rewards, mask, alpha):
+    return nca_loss(model_rewards, _soft_labels(rewards, alpha, mask).to(model_rewards.dtype), mask)
+
+
+def _dpo_best_vs_rest_on_rewards(model_rewards, rewards, mask, alpha):
+    return dpo_best_vs_rest_loss(model_rewards, rewards, mask)
+
+
+def _dpo_all_pairs_on_rewards(model_rewards, rewards, mask, alpha):
+    return dpo_all_pairs_loss(model_rewards, rewards, mask)
+
+
+LOSSES = (
+    LossSpec("infonca", "reward", _infonca_on_rewards, uses_alpha=True),  # Eq. 6, soft labels softmax(r / alpha)
+    LossSpec("nca", "reward", _nca_on_rewards, uses_alpha=True),  # Eq. 11, the same soft labels
+    LossSpec("dpo_best_vs_rest", "reward", _dpo_best_vs_rest_on_rewards, uses_alpha=False),  # DPO x (K - 1)
+    LossSpec("dpo_all_pairs", "reward", _dpo_all_pairs_on_rewards, uses_alpha=False),  # DPO x C(K, 2)
+    LossSpec("dpo", "pairwise", dpo_pair_loss, uses_alpha=False),  # Eq. 5
+    LossSpec("infonca", "pairwise", dpo_pair_loss, uses_alpha=False),  # InfoNCA at K = 2, alpha -> 0: DPO
+    LossSpec("nca", "pairwise", nca_pair_loss, uses_alpha=False),  # Eq. 12
+    LossSpec("ipo", "pairwise", ipo_pair_loss, uses_alpha=False),  # a reference point
+)
+REWARD_LOSSES = {spec.name: spec.fn for spec in LOSSES if spec.data == "reward"}
+PREFERENCE_LOSSES = {spec.name: spec.fn for spec in LOSSES if spec.data == "pairwise"}
+REWARD_LOSS_TYPES = tuple(REWARD_LOSSES)
+PREFERENCE_LOSS_TYPES = tuple(PREFERENCE_LOSSES)
+# Which loss types each kind of data takes ("preference" is the toy's name for pairwise data).
+LOSS_TYPES_FOR = {"reward": REWARD_LOSS_TYPES, "pairwise": PREFERENCE_LOSS_TYPES, "preference": PREFERENCE_LOSS_TYPES}
+
+
+def loss_spec(loss_type: str, data_kind: str) -> LossSpec:
+    """The declaration of ``loss_type`` on ``data_kind`` (``"reward"`` or ``"pairwise"``) data, checked
+    (:func:`check_loss_type`)."""
+    loss_type = check_loss_type(loss_type, data_kind)
+    data = "pairwise" if data_kind == "preference" else data_kind
+    return next(spec for spec in LOSSES if spec.name == loss_type and spec.data == data)

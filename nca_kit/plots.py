@@ -8,6 +8,8 @@ get integer ticks. :func:`fmt` prints the numbers the notebooks show.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
@@ -356,3 +358,95 @@ def plot_heatmaps(panels: dict, *, title: str, xlabel: str, ylabel: str, colorba
 
 
 __all__ += ["plot_heatmaps"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reward-source studies (nca_kit.rewards.studies)
+# --------------------------------------------------------------------------------------------------------------------
+
+_METRIC_AXES = {
+    "accuracy": "pairwise accuracy (0.5 = chance)",
+    "spearman": "Spearman ρ with the golden reward",
+    "spearman_per_prompt": "Spearman ρ per prompt",
+    "order_consistency": "order consistency",
+    "bon_picked": "golden reward of the pick",
+    "bon_gain": "Best-of-N gain over a random pick",
+}
+
+
+def plot_study(df, *, title: str, metrics: Sequence[str] = ("accuracy", "spearman", "bon_picked"),
+               xlabel: str = "label-flip rate", path=None):
+    """One panel per metric against the noise level, a line per head, error bars one std over seeds (none with one
+    seed; the figure says which). The Best-of-N panel also shows the random and the oracle pick, the accuracy panel
+    chance (0.5)."""
+    from nca_kit.rewards.metrics import METRIC_NAMES
+
+    n_seeds = int(df.groupby(["head", "noise"]).size().max()) if len(df) else 0
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.3 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for head, part in df.groupby("head", sort=False):
+            stats = part.groupby("noise")[metric].agg(["mean", "std"])
+            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3,
+                        label=head)
+        if metric == "bon_picked":
+            ax.axhline(df["bon_oracle"].mean(), color="black", linestyle="--", linewidth=1, label="oracle pick")
+            ax.axhline(df["bon_random"].mean(), color="grey", linestyle=":", linewidth=1, label="random pick")
+        if metric == "accuracy":
+            ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance (0.5)")
+        ax.set(title=METRIC_NAMES.get(metric, metric), xlabel=xlabel, ylabel=_METRIC_AXES.get(metric, metric))
+        ax.legend(fontsize=7)
+    bars = (f"mean over {n_seeds} seeds, error bars ± 1 std over seeds" if n_seeds > 1
+            else "one seed: no error bars")
+    fig.suptitle(f"{title}\n({bars}; held-out prompts)", fontsize=10)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def plot_pair_accuracy(table, ax=None, title: str = "Pairwise accuracy"):
+    """Bars of accuracy (with 95 % intervals) by category, one colour per FLR variant, Direct as a dashed line with its
+    interval as a grey band, chance as a grey line; every mark is in the legend (``table``:
+    :meth:`nca_kit.rewards.studies.PairEvaluation.table`)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 3.8))
+    flr_rows = table[table.scorer.str.startswith("FLR")]
+    categories = list(dict.fromkeys(flr_rows.category))
+    variants = list(dict.fromkeys(flr_rows.scorer))
+    width = 0.8 / len(variants)
+    x = np.arange(len(categories))
+    for i, variant in enumerate(variants):
+        rows = flr_rows[flr_rows.scorer == variant].set_index("category").loc[categories]
+        err = np.vstack([rows.accuracy - rows.low, rows.high - rows.accuracy])
+        ax.bar(x + (i - (len(variants) - 1) / 2) * width, rows.accuracy, width, yerr=err, capsize=2, label=variant)
+    direct = table[table.scorer == "Direct"].iloc[0]
+    ax.axhline(direct.accuracy, color="k", ls="--", lw=1, label=f"Direct ({direct.accuracy:.3f})")
+    ax.axhspan(direct.low, direct.high, color="k", alpha=0.08, label="Direct's 95 % interval")
+    ax.axhline(0.5, color="grey", lw=0.8, label="chance (0.5)")
+    ax.set_xticks(x, [c.replace("_", "\n") for c in categories], fontsize=8)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title} (n = {int(direct.n)} pairs, 95 % Wilson intervals)")
+    ax.legend(fontsize=8, loc="lower right")
+    return ax
+
+
+def plot_score_distributions(evaluation, variant: str = "paper", axes=None):
+    """Histograms of chosen vs rejected rewards of a :class:`nca_kit.rewards.studies.PairEvaluation`: FLR
+    (``variant``, all categories) and Direct, and their margins."""
+    if axes is None:
+        _, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, (name, r) in zip(axes, [(f"FLR ({variant})", evaluation.flr.rewards(variant)),
+                                    ("Direct", evaluation.direct)]):
+        bins = np.histogram_bin_edges(r, bins=30)
+        ax.hist(r[0::2], bins=bins, alpha=0.6, label="chosen")
+        ax.hist(r[1::2], bins=bins, alpha=0.6, label="rejected")
+        ax.set_title(f"{name} reward")
+        ax.legend(fontsize=8)
+    for name, r in [(f"FLR ({variant})", evaluation.flr.rewards(variant)), ("Direct", evaluation.direct)]:
+        margin = r[0::2] - r[1::2]
+        axes[2].hist(margin / (np.std(margin) or 1.0), bins=30, alpha=0.5, label=name)
+    axes[2].axvline(0, color="k", lw=0.8)
+    axes[2].set_title("chosen - rejected (standardised)")
+    axes[2].legend(fontsize=8)
+    return axes
+
+
+__all__ += ["plot_study", "plot_pair_accuracy", "plot_score_distributions"]

@@ -30,17 +30,17 @@ import numpy as np
 
 from nca_kit.experiment import METHODS, ExperimentSpec, run_experiment
 
-__all__ = ["ALPHA_FREE_LOSSES", "uses_alpha", "plan", "grid_specs", "cell_dir", "run_grid", "load_grid_records",
+__all__ = ["ALPHA_FREE_METHODS", "uses_alpha", "plan", "grid_specs", "cell_dir", "run_grid", "load_grid_records",
            "grid_table", "seed_noise", "robustness_summary", "summary_markdown", "grid_markdown", "plot_grid"]
 
-#: Loss types that do not read α (the DPO family and pairwise NCA: the pairwise losses are the α -> 0 limit).
-ALPHA_FREE_LOSSES = ("dpo", "dpo_best_vs_rest", "dpo_all_pairs")
-
-
 def uses_alpha(method: str) -> bool:
-    """Whether ``method``'s loss reads α (InfoNCA, NCA on K rewards); the others are swept over β only."""
-    kind, loss_type = METHODS[method]
-    return kind == "rewards" and loss_type not in ALPHA_FREE_LOSSES
+    """Whether ``method``'s loss reads α (InfoNCA, NCA on K rewards; :data:`nca_kit.losses.LOSSES`); the others
+    are swept over β only."""
+    return METHODS[method].uses_alpha
+
+
+#: Methods whose loss does not read α (the DPO family and pairwise NCA: the pairwise losses are the α -> 0 limit).
+ALPHA_FREE_METHODS = tuple(m for m in METHODS if not uses_alpha(m))
 
 
 def plan(alphas, betas, seeds, *, methods=("infonca", "nca"), beta_methods=("dpo",)) -> list[tuple]:

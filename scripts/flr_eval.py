@@ -35,8 +35,9 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from nca_kit import plots
     from nca_kit.models import load_model
-    from nca_kit.rewards import followup as flr
+    from nca_kit.rewards import studies
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="nca_kit.models.load_model name")
@@ -67,12 +68,12 @@ def main(argv=None) -> int:
     if args.arith_prompts:
         arithmetic(args, model, tokenizer, figures, results)
     if args.pairs:
-        pairs = flr.hh_pairs(args.pairs, seed=args.seed)
+        pairs = studies.hh_pairs(args.pairs, seed=args.seed)
         deadline = start + 60 * args.minutes
         for n in range(STEP, len(pairs) + STEP, STEP):  # grow by cache blocks until the time budget is spent
             n = min(n, len(pairs))
             sub = pairs.select(range(n))
-            evaluation = flr.evaluate_pairs(model, tokenizer, sub["prompt"], sub["chosen"], sub["rejected"],
+            evaluation = studies.evaluate_pairs(model, tokenizer, sub["prompt"], sub["chosen"], sub["rejected"],
                                             batch_size=args.batch_size, cache_dir=args.cache, progress=False)
             print(f"{n} pairs scored after {(time.time() - start) / 60:.1f} min", flush=True)
             if time.time() > deadline:
@@ -84,11 +85,11 @@ def main(argv=None) -> int:
         print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
         print(json.dumps(results["hh"]["disagreement"], indent=1))
         fig, ax = plt.subplots(figsize=(9, 3.8))
-        flr.plot_pair_accuracy(table, ax, title="HH-RLHF harmless-base, SmolLM2-135M-Instruct")
+        plots.plot_pair_accuracy(table, ax, title="HH-RLHF harmless-base, SmolLM2-135M-Instruct")
         fig.tight_layout()
         fig.savefig(figures / "rewards_flr_hh_accuracy.png", dpi=120)
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-        flr.plot_score_distributions(evaluation, "paper", axes)
+        plots.plot_score_distributions(evaluation, "paper", axes)
         fig.tight_layout()
         fig.savefig(figures / "rewards_flr_hh_distributions.png", dpi=120)
 
@@ -103,13 +104,13 @@ def arithmetic(args, model, tokenizer, figures: Path, results: dict) -> None:
     import matplotlib.pyplot as plt
 
     from nca_kit import generate
-    from nca_kit.rewards import followup as flr
+    from nca_kit.rewards import studies
     from nca_kit.tasks import CORRECT_THRESHOLD
 
     train = generate.load_or_generate(generate.GenerationSettings(), search_dirs=(REPO / "data",),
                                       verbose=False)["train"]
     train = train.select(range(min(args.arith_prompts, len(train))))
-    table, _ = flr.evaluate_k_responses(model, tokenizer, train, followups="arithmetic",
+    table, _ = studies.evaluate_k_responses(model, tokenizer, train, followups="arithmetic",
                                         correct_threshold=CORRECT_THRESHOLD, batch_size=args.batch_size,
                                         cache_dir=args.cache)
     table.to_csv(args.out / "arith_table.csv", index=False)

@@ -3,16 +3,22 @@
 Notebooks: a test that takes ``notebook_path`` runs once per notebook under ``notebooks/`` (test id: its name);
 ``notebook_env`` gives a test the environment the course notebooks expect under tests: the smoke switch on and
 figures in a temporary folder.
+
+Tiny models: ``tok`` (the tiny ChatML tokenizer), ``tiny`` (a tiny random model and its tokenizer), ``mixed_k_rows``
+and ``tokenized`` (three reward rows with K = 3, 2, 4 and prompts of different lengths, raw and tokenized), each
+fresh per test module. Helpers a module imports (``from conftest import msgs, perturb_lora``): :func:`msgs` (one
+user turn) and :func:`perturb_lora` (non-zero LoRA B matrices, so the adapters change the output).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from nca_kit.models import tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
@@ -63,10 +69,54 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+
+def msgs(text: str) -> list[dict]:
+    """One user turn: the chat messages of a prompt."""
+    return [{"role": "user", "content": text}]
+
+
+def perturb_lora(model, generator: torch.Generator, scale: float = 0.3):
+    """Set every LoRA B matrix of ``model`` to ``scale * N(0, 1)`` draws from ``generator`` (fresh adapters have B = 0
+    and change nothing), in parameter order; returns ``model``."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(scale * torch.randn(p.shape, generator=generator))
+    return model
+
+
 @pytest.fixture(scope="module")
-def grid():
-    """``scripts/run_grid.py`` as a module, a fresh copy per test module (so one module's monkeypatches stay there)."""
-    spec = importlib.util.spec_from_file_location("run_grid", REPO / "scripts" / "run_grid.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tok():
+    """The tiny byte-level ChatML tokenizer (:func:`nca_kit.models.tiny_tokenizer`)."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """``(model, tokenizer)``: a tiny random model (:func:`nca_kit.models.tiny_model`) sized to the tiny tokenizer."""
+    tokenizer = tiny_tokenizer()
+    return tiny_model(vocab_size=len(tokenizer)), tokenizer
+
+
+@pytest.fixture(scope="module")
+def mixed_k_rows() -> list[dict]:
+    """Three reward rows, K = 3, 2, 4, prompts of different lengths: mixed K in one batch."""
+    return [
+        {"prompt": msgs("What is two plus two?"), "responses": ["Four.", "Five, I think.", "Two"],
+         "rewards": [1.0, 0.2, 0.0]},
+        {"prompt": msgs("Write a short poem about the sea, please, in four lines."),
+         "responses": ["The sea is wide and blue, and deep.", "No."], "rewards": [3.0, 1.0]},
+        {"prompt": msgs("hello"), "responses": ["hello there, how are you?", "yes", "maybe", "sorry"],
+         "rewards": [4.0, 1.0, 2.0, 0.5]},
+    ]
+
+
+@pytest.fixture(scope="module")
+def tokenized(tok, mixed_k_rows):
+    """``mixed_k_rows`` tokenized (:func:`nca_kit.logps.tokenize_reward_dataset`, prompts <= 64, rows <= 128)."""
+    import datasets
+
+    from nca_kit.logps import tokenize_reward_dataset
+
+    return tokenize_reward_dataset(datasets.Dataset.from_list(mixed_k_rows), tok, max_prompt_length=64,
+                                   max_length=128)

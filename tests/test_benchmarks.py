@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny_lora():
     from nca_kit.models import LoraSettings, load_model
 
     return load_model("tiny-llama", device="cpu", lora=LoraSettings())
@@ -38,8 +38,8 @@ def test_bad_question_file_names_the_line_and_field(tmp_path):
         bm.load_mt_bench_questions(path)
 
 
-def test_answer_files_validate_and_drop_into_the_judges(tiny, tmp_path):
-    model, tokenizer = tiny
+def test_answer_files_validate_and_drop_into_the_judges(tiny_lora, tmp_path):
+    model, tokenizer = tiny_lora
     questions = bm.load_mt_bench_questions(REPO / "data" / "mt_bench_question.jsonl", limit=3)
     answers = bm.mt_bench_answers(model, tokenizer, questions, model_id="nca-tiny", max_new_tokens=4,
                                   progress=False)
@@ -121,9 +121,9 @@ def test_lm_eval_exact_match_on_a_hand_built_case(arith_task):
         bm.lm_eval_scores(Canned(), ["no_such_task"], include_path=arith_task)
 
 
-def test_lm_eval_scores_a_peft_model_in_memory(tiny, arith_task):
+def test_lm_eval_scores_a_peft_model_in_memory(tiny_lora, arith_task):
     pytest.importorskip("lm_eval", reason="lm-eval is the optional extra nca-kit[eval]")
-    model, tokenizer = tiny
+    model, tokenizer = tiny_lora
     scores = bm.lm_eval_scores(model, ["arith_test"], tokenizer=tokenizer, include_path=arith_task, limit=2,
                                batch_size=2)
     assert 0.0 <= scores["arith_test"]["exact_match,flexible-extract"] <= 1.0

@@ -6,14 +6,10 @@ import pytest
 import torch
 
 import nca_kit.eval as ev
-from nca_kit.models import LoraSettings, tiny_model, tiny_tokenizer
+from nca_kit.models import LoraSettings
 from nca_kit.tasks import make_prompts
 
-
-@pytest.fixture(scope="module")
-def tiny():
-    tokenizer = tiny_tokenizer()
-    return tiny_model(vocab_size=len(tokenizer)), tokenizer
+from conftest import perturb_lora
 
 
 def _lora(model, perturb: bool):
@@ -21,10 +17,7 @@ def _lora(model, perturb: bool):
 
     peft_model = get_peft_model(copy.deepcopy(model), LoraSettings(r=2, lora_alpha=2, lora_dropout=0.0).to_peft())
     if perturb:
-        gen = torch.Generator().manual_seed(0)
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.data = torch.randn(p.shape, generator=gen) * 0.5
+        perturb_lora(peft_model, torch.Generator().manual_seed(0), scale=0.5)
     return peft_model
 
 

@@ -10,6 +10,7 @@ import torch
 
 from nca_kit import experiment as xp
 from nca_kit.experiment import Experiment, ExperimentSpec, flat_row, method_dataset, run_experiment
+from nca_kit.rewards.sources import with_rewards
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "data" / "arith_smollm2-135m-instruct_k4_472b54c0acde.json"
@@ -103,8 +104,8 @@ def test_rubric_rescoring_reproduces_the_committed_rewards(tmp_path):
 
 
 def test_a_new_reward_source_is_one_function_and_one_registry_line(tmp_path, monkeypatch):
-    def constant(train, spec, cache_dir):
-        return train.remove_columns("rewards").add_column("rewards", [[1.0] * len(r) for r in train["responses"]])
+    def constant(dataset, settings):
+        return with_rewards(dataset, [[1.0] * len(r) for r in dataset["responses"]])
 
     monkeypatch.setitem(xp.REWARD_SOURCES, "constant", constant)
     spec = ExperimentSpec(reward_source="constant")

@@ -11,6 +11,7 @@ import pytest
 from nca_kit import experiment as xp
 from nca_kit.experiment import Experiment, ExperimentSpec, check_scored, method_dataset, reward_quality
 from nca_kit.rewards import embedding
+from nca_kit.rewards import sources as src
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,10 +39,10 @@ def features(prompts, responses, *args, **kwargs):
 
 def test_random_rewards_are_seeded_by_the_spec_and_cover_the_policy_prompts(train, tmp_path):
     spec = ExperimentSpec(reward_source="random", reward_prompts=100, reward_fit_prompts=200)
-    a = xp.random_rewards(train, spec, cache_dir=tmp_path)
-    b = xp.random_rewards(train, spec, cache_dir=tmp_path)
-    c = xp.random_rewards(train, ExperimentSpec(reward_source="random", reward_prompts=100, seed=1),
-                          cache_dir=tmp_path)
+    a = src.random_rewards(train, spec.source_settings(tmp_path))
+    b = src.random_rewards(train, spec.source_settings(tmp_path))
+    c = src.random_rewards(train, ExperimentSpec(reward_source="random", reward_prompts=100,
+                                                 seed=1).source_settings(tmp_path))
     assert len(a) == 100 and a["responses"] == train.select(range(100))["responses"]
     assert a["rewards"] == b["rewards"] and a["rewards"] != c["rewards"]
     assert all(0 <= r < 10 for row in a["rewards"] for r in row)
@@ -49,7 +50,7 @@ def test_random_rewards_are_seeded_by_the_spec_and_cover_the_policy_prompts(trai
 
 def test_reward_quality_is_one_for_the_rubric_and_zero_for_its_reverse(train):
     part = train.select(range(60))
-    golden = xp.rubric_rewards(part, ExperimentSpec())
+    golden = src.rubric_rewards(part)
     same = reward_quality(golden, golden, alpha=0.01)
     assert same["accuracy"] == 1.0 and same["spearman"] == pytest.approx(1.0) and same["n_prompts"] == 60
     # integer rubric gaps over alpha = 0.01: the soft labels split evenly among the answers tied at the top
@@ -57,18 +58,18 @@ def test_reward_quality_is_one_for_the_rubric_and_zero_for_its_reverse(train):
     reverse = golden.remove_columns("rewards").add_column("rewards", [[-r for r in rs] for rs in golden["rewards"]])
     assert reward_quality(reverse, golden)["accuracy"] == 0.0
     with pytest.raises(ValueError, match="^golden: the rows must be the scored rows"):
-        reward_quality(golden, xp.rubric_rewards(train.select(range(1, 61)), ExperimentSpec()))
+        reward_quality(golden, src.rubric_rewards(train.select(range(1, 61))))
 
 
 def test_embedding_source_fits_on_the_last_prompts_scores_the_others_and_is_cached(train, tmp_path, monkeypatch):
     monkeypatch.setattr(embedding, "embed", features)
     spec = ExperimentSpec(reward_source="embedding_bt", reward_prompts=100, reward_fit_prompts=200, steps=10)
-    scored = xp.embedding_rewards(train, spec, cache_dir=tmp_path)
+    scored = src.REWARD_SOURCES[spec.reward_source](train, spec.source_settings(tmp_path))
     assert len(scored) == 100 and scored["prompt"] == train.select(range(100))["prompt"]
-    quality = reward_quality(scored, xp.rubric_rewards(train.select(range(100)), spec))
+    quality = reward_quality(scored, src.rubric_rewards(train.select(range(100))))
     assert quality["accuracy"] > 0.7, quality  # the stand-in features see correctness: the head learns it
     monkeypatch.setattr(embedding, "embed", lambda *a, **k: pytest.fail("a cached source embedded again"))
-    assert xp.embedding_rewards(train, spec, cache_dir=tmp_path)["rewards"] == scored["rewards"]
+    assert src.REWARD_SOURCES[spec.reward_source](train, spec.source_settings(tmp_path))["rewards"] == scored["rewards"]
 
 
 def test_a_whole_load_data_records_the_source_quality(train, tmp_path, monkeypatch):
@@ -94,14 +95,13 @@ def test_followup_sources_load_the_model_once_then_read_the_cache(train, tmp_pat
     monkeypatch.setattr(models, "load_model", tiny)
     for source in ("flr", "direct"):
         spec = ExperimentSpec(reward_source=source, reward_prompts=3, steps=1, batch=2)
-        first = xp.followup_rewards(train, spec, cache_dir=tmp_path)
+        first = src.REWARD_SOURCES[source](train, spec.source_settings(tmp_path))
         assert len(first) == 3 and all(np.isfinite(r) for row in first["rewards"] for r in row)
-        again = xp.followup_rewards(train, spec, cache_dir=tmp_path)
+        again = src.REWARD_SOURCES[source](train, spec.source_settings(tmp_path))
         assert again["rewards"] == first["rewards"]
     assert loads == ["smollm2-135m-instruct"] * 2  # once per source: the second call read the cached rewards
-    assert first["rewards"] != xp.followup_rewards(train, ExperimentSpec(reward_source="flr", reward_prompts=3,
-                                                                         steps=1, batch=2),
-                                                   cache_dir=tmp_path)["rewards"]  # flr and direct differ
+    flr_spec = ExperimentSpec(reward_source="flr", reward_prompts=3, steps=1, batch=2)
+    assert first["rewards"] != src.REWARD_SOURCES["flr"](train, flr_spec.source_settings(tmp_path))["rewards"]  # differ
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def test_an_unfitted_reward_model_is_refused_before_embedding(train, monkeypatch
     monkeypatch.setattr(embedding, "embed", lambda *a, **k: pytest.fail("embedded for an unfitted head"))
     unfitted = embedding.EmbeddingRewardModel(embedding.make_head("bt_mlp"), name="minilm_bt_mlp")
     with pytest.raises(ValueError, match=r"^reward model minilm_bt_mlp is not fitted") as info:
-        embedding.score_reward_dataset(unfitted, train.select(range(2)))
+        embedding.learned_rewards(unfitted, train.select(range(2)))
     assert "\n" not in str(info.value)
 
 
@@ -130,7 +130,7 @@ def test_a_source_that_cannot_be_fitted_says_why(train, tmp_path, monkeypatch):
                           batch=2)
     with pytest.raises(ValueError, match=r"^reward_source embedding_bt could not be fitted on the last "
                                          r"reward_fit_prompts = 3 training prompts: rewards: no prompt") as info:
-        xp.embedding_rewards(data, spec, cache_dir=tmp_path)
+        src.REWARD_SOURCES[spec.reward_source](data, spec.source_settings(tmp_path))
     assert "\n" not in str(info.value)
 
 
@@ -184,7 +184,7 @@ def test_a_grid_loads_the_base_model_once_and_gives_each_run_fresh_adapters(trai
 
 def test_an_answer_repeated_within_a_prompt_gets_one_reward(train, tmp_path):
     spec = ExperimentSpec(reward_source="random", reward_prompts=100)
-    scored = xp.random_rewards(train, spec, cache_dir=tmp_path)
+    scored = src.random_rewards(train, spec.source_settings(tmp_path))
     repeats = 0
     for ys, rs in zip(scored["responses"], scored["rewards"]):
         for y in set(ys):
@@ -207,7 +207,7 @@ def test_embedding_source_gives_a_repeated_answer_one_reward(train, tmp_path, mo
 
     monkeypatch.setattr(embedding, "embed", drifting)
     spec = ExperimentSpec(reward_source="embedding_bt", reward_prompts=48, reward_fit_prompts=240, steps=8)
-    scored = xp.embedding_rewards(train, spec, cache_dir=tmp_path)
+    scored = src.REWARD_SOURCES[spec.reward_source](train, spec.source_settings(tmp_path))
     repeats = 0
     for ys, rs in zip(scored["responses"], scored["rewards"]):
         for y in set(ys):

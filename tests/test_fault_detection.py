@@ -19,12 +19,10 @@ from nca_kit.eval import kl_to_reference
 from nca_kit.models import tiny_model, tiny_tokenizer
 from nca_kit.training import TrainConfig, train
 
+from conftest import msgs
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def msgs(text):
-    return [{"role": "user", "content": text}]
 
 
 PROMPTS = [msgs("What is two plus two?"), msgs("Name a colour.")]

@@ -12,17 +12,10 @@ from nca_kit.generate import (
     load_or_generate,
     reward_stats,
 )
-from nca_kit.models import tiny_model, tiny_tokenizer
 from nca_kit.sampling import sample_responses
 from nca_kit.tasks import make_prompts
 
 SMALL = GenerationSettings(model_id="tiny-mistral", n_train=5, n_test=3, k=3, max_new_tokens=6, batch_size=6)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    tokenizer = tiny_tokenizer()
-    return tiny_model(vocab_size=len(tokenizer)), tokenizer
 
 
 def test_sample_responses_shapes_and_determinism(tiny):

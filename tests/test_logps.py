@@ -15,34 +15,10 @@ from nca_kit.logps import (
 )
 from nca_kit.models import LoraSettings, tiny_model, tiny_tokenizer
 
+from conftest import msgs, perturb_lora
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def msgs(text):
-    return [{"role": "user", "content": text}]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def rows():
-    return [
-        {"prompt": msgs("What is two plus two?"), "responses": ["Four.", "Five, I think.", "Two"],
-         "rewards": [1.0, 0.2, 0.0]},
-        {"prompt": msgs("Write a short poem about the sea."), "responses": ["The sea is wide and blue.", "No."],
-         "rewards": [3.0, 1.0]},
-        {"prompt": msgs("hello"), "responses": ["hello there, how are you?", "yes", "maybe", "sorry"],
-         "rewards": [4.0, 1.0, 2.0, 0.5]},
-    ]
-
-
-@pytest.fixture(scope="module")
-def tokenized(tok, rows):
-    return tokenize_reward_dataset(datasets.Dataset.from_list(rows), tok, max_prompt_length=64, max_length=128)
 
 
 def lora_model(arch="mistral", seed=0):
@@ -50,12 +26,7 @@ def lora_model(arch="mistral", seed=0):
     from peft import get_peft_model
 
     model = get_peft_model(tiny_model(arch, seed=seed), LoraSettings(lora_dropout=0.0).to_peft())
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model
+    return perturb_lora(model, torch.Generator().manual_seed(seed))
 
 
 def naive_logps(model, input_ids, prompt_len, average=False):

@@ -532,3 +532,29 @@ def test_check_loss_type_is_the_one_dispatch():
         check_loss_type("kto")
     with pytest.raises(ValueError, match="data_kind"):
         check_loss_type("nca", "sft")
+
+
+@pytest.mark.parametrize("loss_type", REWARD_LOSS_TYPES)
+def test_uses_alpha_is_what_a_reward_loss_reads(loss_type):
+    """The table's ``uses_alpha`` (which the run layer's α sweep reads) matches the loss: a loss that reads α changes
+    with α on rewards with distinct gaps; one that does not gives the same value at any α."""
+    from nca_kit.losses import loss_spec
+
+    torch.manual_seed(0)
+    policy, reference = torch.randn(3, 4), torch.randn(3, 4)
+    rewards = torch.tensor([[0.0, 1.0, 2.5, 3.0], [1.0, 0.2, 0.5, 2.0], [3.0, 2.0, 0.0, 1.0]])
+    low, _ = reward_loss(policy, reference, rewards, alpha=0.5, beta=1.0, loss_type=loss_type)
+    high, _ = reward_loss(policy, reference, rewards, alpha=5.0, beta=1.0, loss_type=loss_type)
+    assert loss_spec(loss_type, "reward").uses_alpha == (not torch.allclose(low, high))
+
+
+def test_methods_and_the_alpha_sweep_are_derived_from_the_loss_table():
+    from nca_kit.experiment import METHODS, PAIR_METHODS
+    from nca_kit.losses import LOSSES
+    from nca_kit.robustness import ALPHA_FREE_METHODS, uses_alpha
+
+    assert all(loss in LOSSES for loss in METHODS.values())
+    assert set(PAIR_METHODS) == {"dpo", "pair_nca"}
+    assert set(ALPHA_FREE_METHODS) == {"dpo", "pair_nca", "dpo_x3", "dpo_all_pairs"}
+    assert uses_alpha("nca") and uses_alpha("infonca") and not uses_alpha("pair_nca")
+    assert not any(spec.uses_alpha for spec in LOSSES if spec.data == "pairwise")

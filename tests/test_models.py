@@ -9,36 +9,31 @@ from nca_kit import models
 from nca_kit.models import LoraSettings, load_model, tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-def test_tiny_tokenizer_is_deterministic_and_chatml(tokenizer):
+def test_tiny_tokenizer_is_deterministic_and_chatml(tok):
     again = tiny_tokenizer()
     text = "Write a short poem about the sea. Ünïcödé ✓"
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids == again(text, add_special_tokens=False)["input_ids"]
-    assert tokenizer.decode(ids) == text  # byte-level: any text round-trips
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                           tokenize=False)
+    assert tok.decode(ids) == text  # byte-level: any text round-trips
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                     tokenize=False)
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<pad>"
-    assert tokenizer.eos_token_id != tokenizer.pad_token_id
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<pad>"
+    assert tok.eos_token_id != tok.pad_token_id
 
 
 @pytest.mark.parametrize("arch", ["mistral", "llama"])
-def test_tiny_model_seeded_and_leaves_global_rng_alone(arch, tokenizer):
+def test_tiny_model_seeded_and_leaves_global_rng_alone(arch, tok):
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
-    a = tiny_model(arch, vocab_size=len(tokenizer), seed=1)
+    a = tiny_model(arch, vocab_size=len(tok), seed=1)
     assert torch.equal(torch.rand(3), expected_next)
-    b = tiny_model(arch, vocab_size=len(tokenizer), seed=1)
-    c = tiny_model(arch, vocab_size=len(tokenizer), seed=2)
+    b = tiny_model(arch, vocab_size=len(tok), seed=1)
+    c = tiny_model(arch, vocab_size=len(tok), seed=2)
     x = torch.tensor([[1, 5, 9, 2]])
     assert a.config.num_hidden_layers == 2
-    assert a(x).logits.shape == (1, 4, len(tokenizer))
+    assert a(x).logits.shape == (1, 4, len(tok))
     assert torch.equal(a(x).logits, b(x).logits)
     assert not torch.allclose(a(x).logits, c(x).logits)
 
@@ -66,14 +61,14 @@ def test_load_model_tiny_with_lora_starts_at_the_base_model():
     assert torch.allclose(model(x).logits, base(x).logits)  # LoRA B starts at zero
 
 
-def test_load_model_from_local_folder(tmp_path, tokenizer):
-    model = tiny_model("mistral", vocab_size=len(tokenizer), seed=3)
+def test_load_model_from_local_folder(tmp_path, tok):
+    model = tiny_model("mistral", vocab_size=len(tok), seed=3)
     model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
     loaded, loaded_tok = load_model(str(tmp_path), device="cpu")
     x = torch.tensor([[1, 4, 8, 2]])
     assert torch.allclose(loaded(x).logits, model(x).logits, atol=1e-6)  # eager vs sdpa attention
-    assert loaded_tok.chat_template == tokenizer.chat_template
+    assert loaded_tok.chat_template == tok.chat_template
 
 
 def test_missing_model_folder_is_one_line_error(tmp_path):

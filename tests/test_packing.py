@@ -1,39 +1,18 @@
 """Padding-free packing, the shared-prompt and tree forwards: same log-probs and gradients as the padded batch."""
 
-import datasets
 import pytest
 import torch
 
-from nca_kit.logps import RewardCollator, compute_reference_logps, sequence_logps, tokenize_reward_dataset
-from nca_kit.models import LoraSettings, enable_checkpointing, tiny_model, tiny_tokenizer
+from nca_kit.logps import RewardCollator, compute_reference_logps, sequence_logps
+from nca_kit.models import LoraSettings, enable_checkpointing, tiny_model
 from nca_kit.packing import pack_sequences, packed_states
+
+from conftest import perturb_lora
 
 LAYOUTS = ["packed", "shared_prompt", "tree", "auto"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def msgs(text):
-    return [{"role": "user", "content": text}]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tokenized(tok):
-    rows = [  # K = 3, 2, 4 and prompts of different lengths: mixed K in one batch
-        {"prompt": msgs("What is two plus two?"), "responses": ["Four.", "Five, I think.", "Two"],
-         "rewards": [1.0, 0.2, 0.0]},
-        {"prompt": msgs("Write a short poem about the sea, please, in four lines."),
-         "responses": ["The sea is wide and blue, and deep.", "No."], "rewards": [3.0, 1.0]},
-        {"prompt": msgs("hello"), "responses": ["hello there, how are you?", "yes", "maybe", "sorry"],
-         "rewards": [4.0, 1.0, 2.0, 0.5]},
-    ]
-    return tokenize_reward_dataset(datasets.Dataset.from_list(rows), tok, max_prompt_length=64, max_length=128)
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +37,7 @@ def sharp_model(arch="mistral", attn="eager", seed=0, lora=True):
     with torch.random.fork_rng(devices=[]):  # LoRA A's init draws from the global stream: same model in any test order
         torch.manual_seed(seed)
         model = get_peft_model(model, LoraSettings(lora_dropout=0.0).to_peft())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model
+    return perturb_lora(model, g)
 
 
 def test_first_fit_decreasing_places_every_sequence_once_within_capacity():

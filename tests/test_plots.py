@@ -73,7 +73,7 @@ def test_heatmap_does_not_colour_differences_the_printed_numbers_do_not_show():
 
 
 def test_embedding_study_panels_name_their_axes_and_error_bars():
-    from nca_kit.rewards.embedding import plot_study
+    from nca_kit.plots import plot_study
 
     df = pd.DataFrame([{"head": h, "noise": n, "seed": s, "accuracy": 0.6 + 0.01 * s, "bon_picked": 5.0,
                         "bon_oracle": 8.0, "bon_random": 4.0} for h in ("bt_mlp", "clf_mlp") for n in (0.0, 0.2)

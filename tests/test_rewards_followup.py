@@ -10,15 +10,13 @@ import torch
 
 from nca_kit.logps import RewardCollator, sequence_logps, tokenize_reward_record
 from nca_kit.models import tiny_model, tiny_tokenizer
+from nca_kit import plots
 from nca_kit.rewards import followup as flr
+from nca_kit.rewards import followup_texts, metrics, studies
+from nca_kit.rewards.sources import with_rewards
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral"])
@@ -110,7 +108,7 @@ def test_followup_tokens_are_scored_not_the_template(tok):
     own = tok(text, add_special_tokens=False)["input_ids"]
     header = tok("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
     closing = tok("<|im_end|>\n", add_special_tokens=False)["input_ids"]
-    turn = flr._followup_tokens(tok, text)
+    turn = followup_texts.followup_tokens(tok, text)
     assert list(turn.ids) == header + own + closing
     assert list(turn.ids[turn.span[0]:turn.span[1]]) == own
 
@@ -153,8 +151,8 @@ def test_preferring_a_positive_followup_raises_the_reward(tok):
     prompt, response = "What is two plus two?", "Four."
     before = flr.flr_rewards(model, tok, [prompt], [response], followups=followups, progress=False)[0]
     messages = [{"role": "user", "content": prompt}]
-    prefix = flr._conversation_prefix(tok, messages, response, 1024)
-    turn = flr._followup_tokens(tok, "yes, thanks!")
+    prefix = followup_texts.conversation_prefix(tok, messages, response, 1024)
+    turn = followup_texts.followup_tokens(tok, "yes, thanks!")
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(15):
@@ -197,11 +195,11 @@ def test_scores_are_cached_on_disk(tok, tmp_path):
 def test_categories_and_json_followups(tok, tmp_path):
     path = tmp_path / "followups.json"
     path.write_text(json.dumps(SMALL))
-    assert flr.load_followups(path) == {c: {p: tuple(t) for p, t in v.items()} for c, v in SMALL.items()}
-    assert list(flr.load_followups(categories=["relevance", "correctness"])) == ["relevance", "correctness"]
-    default = flr.load_followups()
-    assert list(default) == list(flr.CATEGORIES)
-    assert all(len(v[p]) >= 10 for v in default.values() for p in flr.POLARITIES)
+    assert followup_texts.load_followups(path) == {c: {p: tuple(t) for p, t in v.items()} for c, v in SMALL.items()}
+    assert list(followup_texts.load_followups(categories=["relevance", "correctness"])) == ["relevance", "correctness"]
+    default = followup_texts.load_followups()
+    assert list(default) == list(followup_texts.CATEGORIES)
+    assert all(len(v[p]) >= 10 for v in default.values() for p in followup_texts.POLARITIES)
     model = tiny_model("llama", seed=2).eval()
     scores = flr.flr_scores(model, tok, PROMPTS[:2], RESPONSES[:2], followups=path, progress=False)
     per_category = scores.category_rewards()
@@ -213,15 +211,17 @@ def test_categories_and_json_followups(tok, tmp_path):
     np.testing.assert_allclose(per_category["b"], scores.loglik[:, 4] - scores.loglik[:, 5:].mean(1))
 
 
-def test_rescore_reward_dataset_is_canonical(tok):
+def test_follow_up_scores_rescore_a_dataset_canonically(tok):
     model = tiny_model("llama", seed=2).eval()
     rows = [{"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "responses": ["4", "5", "22"],
              "rewards": [10.0, 0.0, 1.0], "id": "a"},
             {"prompt": [{"role": "user", "content": "What is 3 + 1?"}], "responses": ["4", "I think 3"],
              "rewards": [10.0, 0.0], "id": "b"}]
     ds = datasets.Dataset.from_list(rows)
-    for source in flr.SOURCES:
-        out = flr.rescore_reward_dataset(ds, source, model, tok, followups="arithmetic", progress=False)
+    for scorer in flr.SCORERS:
+        extra = {"followups": "arithmetic"} if scorer == "flr" else {}
+        rows = flr.score_rows(ds, scorer, model, tok, progress=False, **extra)
+        out = with_rewards(ds, rows, keep_as="original_rewards")
         assert {"prompt", "responses", "rewards"} <= set(out.column_names)
         assert [len(r) for r in out["rewards"]] == [3, 2]
         assert out["original_rewards"] == ds["rewards"] and out["id"] == ["a", "b"]
@@ -230,12 +230,13 @@ def test_rescore_reward_dataset_is_canonical(tok):
 
 
 def test_metrics():
-    acc = flr.pairwise_accuracy([1.0, 2.0, 3.0, 0.0], [0.0, 1.0, 3.0, 1.0])
+    acc = metrics.accuracy_interval(metrics.pair_wins(*metrics.chosen_rejected([1.0, 2.0, 3.0, 0.0],
+                                                                               [0.0, 1.0, 3.0, 1.0])))
     assert acc["accuracy"] == pytest.approx(0.625) and acc["ties"] == 1 and acc["n"] == 4
     assert acc["low"] < 0.625 < acc["high"]
     golden = [[10, 0, 3, 3], [1, 1, 1, 1]]
     scores = [[0.9, 0.1, 0.5, 0.2], [4, 3, 2, 1]]
-    m = flr.ranking_metrics(scores, golden)
+    m = metrics.ranking_metrics(scores, golden)
     assert m["n_spearman"] == 1 and m["spearman"] == pytest.approx(np.corrcoef([4, 1, 2.5, 2.5], [4, 1, 3, 2])[0, 1])
     assert m["n_pairs"] == 5 and m["pair_accuracy"] == pytest.approx(1.0)
     assert m["best_of_k"] == pytest.approx(5.5) and m["oracle"] == pytest.approx(5.5)
@@ -265,9 +266,10 @@ def test_tokenizer_without_chat_template_says_how_to_set_one():
 
 def test_accuracy_difference_is_paired():
     a_c, a_r = [1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]  # 3 of 4 right
-    same = flr.accuracy_difference(a_c, a_r, a_c, a_r)
+    wins_a = metrics.pair_wins(*metrics.chosen_rejected(a_c, a_r))
+    same = metrics.accuracy_difference(wins_a, wins_a)
     assert same["difference"] == 0.0 and same["low"] == 0.0 and same["high"] == 0.0
-    d = flr.accuracy_difference(a_c, a_r, [0.0] * 4, [1.0] * 4)
+    d = metrics.accuracy_difference(wins_a, metrics.pair_wins(*metrics.chosen_rejected([0.0] * 4, [1.0] * 4)))
     assert d["difference"] == pytest.approx(0.75) and d["low"] <= 0.75 <= d["high"] and d["n"] == 4
 
 
@@ -275,8 +277,8 @@ def test_hh_pairs_are_prefixes_of_one_seeded_order():
     from nca_kit.data import hh_rlhf_local_path
 
     path = hh_rlhf_local_path() or Path(__file__).resolve().parents[1] / "data" / "hh_rlhf_sample.jsonl"
-    small, large, every = flr.hh_pairs(2, seed=3, path=path), flr.hh_pairs(10**6, seed=3, path=path), \
-        flr.hh_pairs(None, seed=3, path=path)
+    small, large, every = studies.hh_pairs(2, seed=3, path=path), studies.hh_pairs(10**6, seed=3, path=path), \
+        studies.hh_pairs(None, seed=3, path=path)
     assert small["chosen"] == large["chosen"][:2] and large["chosen"] == every["chosen"]
 
 
@@ -291,7 +293,7 @@ def test_pair_accuracy_figure_names_the_band_and_the_chance_line():
         {"scorer": "FLR (paper)", "category": "all", "accuracy": 0.6, "low": 0.45, "high": 0.75, "n": 16},
         {"scorer": "FLR (code)", "category": "all", "accuracy": 0.5, "low": 0.35, "high": 0.65, "n": 16},
     ])
-    ax = flr.plot_pair_accuracy(table)
+    ax = plots.plot_pair_accuracy(table)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "Direct's 95 % interval" in labels and "chance (0.5)" in labels
 
@@ -329,7 +331,7 @@ def test_code_variant_reads_the_followups_first_token_on_every_template(template
     no BOS) the literal offset reads the state at the follow-up's third token, and only "code" stays on the first."""
     tok = llama3_style_tokenizer() if template == "llama3" else tiny_tokenizer()
     text = "That is not what I asked."
-    turn = flr._followup_tokens(tok, text)
+    turn = followup_texts.followup_tokens(tok, text)
     assert turn.code_position == turn.span[0] + 1  # the state at token span[0] predicts token span[0] + 1
     assert turn.literal_position == turn.code_position + literal_shift
     model = tiny_model("llama", vocab_size=len(tok), seed=5).eval()

@@ -1,19 +1,22 @@
-"""The α × β grid (nca_kit.robustness, scripts/run_grid.py --alphas/--betas): plan, folders, tables, heat maps, and
-resuming a half-finished grid without rerunning its finished cells. Runs are replaced by a fake that writes a
+"""The α × β grid (nca_kit.robustness, nca_kit.grid, scripts/run_grid.py --alphas/--betas): plan, folders, tables,
+heat maps, and resuming a half-finished grid without rerunning its finished cells. Runs are replaced by a fake that writes a
 record of the real schema (a real run is a SmolLM2 training run; notebook 32 runs real ones)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from nca_kit import robustness
+from nca_kit import grid, robustness
 from nca_kit.experiment import ExperimentSpec
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def fake_score(spec: ExperimentSpec) -> float:
@@ -112,18 +115,16 @@ def test_run_grid_reads_finished_cells_back_instead_of_rerunning(tmp_path, monke
         robustness.run_grid(other, tmp_path, progress=False)
 
 
-def test_script_resumes_a_half_finished_grid(grid, tmp_path, monkeypatch, capsys):
+def test_grid_resumes_a_half_finished_alpha_beta_grid(tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(grid, "run_experiment", fake_run(calls))
-    argv = ["--out", str(tmp_path), "--alphas", "0.01", "0.1", "1", "--betas", "0.01", "0.1", "1", "--seeds", "0",
-            "1", "-p", "STEPS", "4"]
-    specs = grid.alpha_beta_specs(argparse.Namespace(
-        alphas=[0.01, 0.1, 1], betas=[0.01, 0.1, 1], seeds=[0, 1], methods=["dpo", "infonca", "nca"], smoke=False),
-        {"STEPS": 4})
+    params = {"STEPS": 4}
+    specs = grid.alpha_beta_specs([0.01, 0.1, 1], [0.01, 0.1, 1], [0, 1], ["dpo", "infonca", "nca"], params)
     assert len(specs) == 42 and all(s.steps == 4 for s in specs)
     for spec in specs[:17]:  # a grid stopped part-way through seed 0
         fake_run([])(spec, out=robustness.cell_dir(tmp_path, spec))
-    assert grid.main(argv) == 0
+    assert grid.run_all(specs, tmp_path, params, alpha_beta=True) == []
+    grid.collect_alpha_beta(tmp_path, docs=None)
     assert len(calls) == 42 - 17, "finished cells must not run again"
     assert calls[0] == (specs[17].method, specs[17].alpha, specs[17].beta, specs[17].seed)
     assert capsys.readouterr().out.count("[skip]") == 17
@@ -132,14 +133,16 @@ def test_script_resumes_a_half_finished_grid(grid, tmp_path, monkeypatch, capsys
                  "alpha_beta_greedy_accuracy.png"):
         assert (tmp_path / name).exists(), name
     calls.clear()
-    assert grid.main(argv) == 0 and calls == []  # a finished grid only collects
+    assert grid.run_all(specs, tmp_path, params, alpha_beta=True) == [] and calls == []  # a finished grid: no run
     table = (tmp_path / "alpha_beta_table.md").read_text()
     assert "| greedy_accuracy | nca | 9 | 0.3050 | 0.3050 | 0.3050 | 0.0000 | 0.0100 |" in table
 
 
-def test_script_needs_both_axes(grid, tmp_path):
-    with pytest.raises(SystemExit):
-        grid.main(["--out", str(tmp_path), "--alphas", "0.1"])
+def test_script_needs_both_axes(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "run_grid.py"), "--out", str(tmp_path),
+                             "--alphas", "0.1"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert "the alpha x beta grid needs both --alphas and --betas" in result.stderr
 
 
 def test_seed_noise_needs_two_seeds_of_a_cell():

@@ -1,4 +1,5 @@
-"""scripts/run_grid.py: run order, parameter parsing, and the collection of finished runs into CSV, table, figures.
+"""nca_kit.grid (behind scripts/run_grid.py): run order, parameter parsing, and the collection of finished runs into
+CSV, table, figures.
 
 Runs are not executed here (each is a notebook with a real model); the collection step reads the ``results.json``
 files a run writes, so synthetic ones with the same schema exercise it fully.
@@ -11,6 +12,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from nca_kit import grid
 
 
 def fake_record(method: str, k: int, seed: int, *, acc: float, chosen: list[float]) -> dict:
@@ -30,21 +33,21 @@ def write_runs(out: Path, records: list[dict]) -> None:
         (folder / "results.json").write_text(json.dumps(r))
 
 
-def test_plan_runs_every_method_of_a_seed_before_the_next_seed(grid):
-    runs = grid.plan(["dpo", "infonca", "nca"], [0, 1], [2, 3])
+def test_plan_runs_every_method_of_a_seed_before_the_next_seed():
+    runs = grid.plan_methods(["dpo", "infonca", "nca"], [0, 1], [2, 3])
     assert runs[:3] == [("dpo", 4, 0), ("infonca", 4, 0), ("nca", 4, 0)]
     assert runs[3:6] == [("dpo", 4, 1), ("infonca", 4, 1), ("nca", 4, 1)]
     assert set(runs[6:]) == {(m, k, s) for m in ("infonca", "nca") for k in (2, 3) for s in (0, 1)}
     # the K ablation always covers both reward methods, and K = 4 is not run twice
-    assert grid.plan(["nca"], [0], [2, 4]) == [("nca", 4, 0), ("infonca", 2, 0), ("nca", 2, 0)]
+    assert grid.plan_methods(["nca"], [0], [2, 4]) == [("nca", 4, 0), ("infonca", 2, 0), ("nca", 2, 0)]
 
 
-def test_parse_value_reads_python_literals_and_keeps_text(grid):
+def test_parse_value_reads_python_literals_and_keeps_text():
     assert grid.parse_value("0.5") == 0.5 and grid.parse_value("True") is True and grid.parse_value("12") == 12
     assert grid.parse_value("cuda") == "cuda"
 
 
-def test_collect_writes_csv_table_and_figures_with_mean_and_range(grid, tmp_path):
+def test_collect_writes_csv_table_and_figures_with_mean_and_range(tmp_path):
     records = [fake_record("dpo", 4, s, acc=a, chosen=[0.0, -0.5, -1.0, -1.5]) for s, a in ((0, 0.3), (1, 0.5))]
     records += [fake_record("nca", k, 0, acc=0.4, chosen=[0.0, 0.1, 0.2, 0.3]) for k in (2, 4)]
     write_runs(tmp_path, records)
@@ -66,7 +69,7 @@ def test_collect_writes_csv_table_and_figures_with_mean_and_range(grid, tmp_path
         assert (tmp_path / "docs" / f"tiny_{name}").exists()
 
 
-def test_k_ablation_compares_only_seeds_run_at_every_k(grid):
+def test_k_ablation_compares_only_seeds_run_at_every_k():
     records = [fake_record("nca", 4, s, acc=0.3, chosen=[0.0]) for s in (0, 1, 2)]
     records += [fake_record("nca", 2, 0, acc=0.3, chosen=[0.0])]
     records += [fake_record("infonca", k, 0, acc=0.3, chosen=[0.0]) for k in (2, 4)]
@@ -80,14 +83,14 @@ def test_k_ablation_compares_only_seeds_run_at_every_k(grid):
     assert grid.k_ablation_series(grid.group(rows[:3])) == ({}, set())  # one K: no curve
 
 
-def test_collect_without_runs_says_so(grid, tmp_path, capsys):
+def test_collect_without_runs_says_so(tmp_path, capsys):
     grid.collect(tmp_path, docs=None)
     assert "no results.json" in capsys.readouterr().out
     assert not (tmp_path / "results.csv").exists()
 
 
-def test_grid_specs_take_notebook_parameter_names_and_fail_before_any_run(grid):
-    runs = grid.plan(["dpo", "nca"], [0], [])
+def test_grid_specs_take_notebook_parameter_names_and_fail_before_any_run():
+    runs = grid.plan_methods(["dpo", "nca"], [0], [])
     specs = grid.specs(runs, {"STEPS": 12, "N_EVAL": 50, "lr": 1e-4}, smoke=False)
     assert [s.run_name for s in specs] == ["dpo_k4_s0", "nca_k4_s0"]
     assert all((s.steps, s.n_eval, s.lr) == (12, 50, 1e-4) for s in specs)
@@ -100,7 +103,7 @@ def test_grid_specs_take_notebook_parameter_names_and_fail_before_any_run(grid):
         grid.specs(runs, {"WIDTH": 3}, smoke=False)
 
 
-def test_a_sweep_of_reward_sources_runs_every_method_on_each_source_seed_by_seed(grid):
+def test_a_sweep_of_reward_sources_runs_every_method_on_each_source_seed_by_seed():
     runs = grid.plan_sources(["dpo", "nca"], [0, 1], ["rubric", "flr"])
     assert runs[:4] == [("dpo", 4, 0, "rubric"), ("nca", 4, 0, "rubric"), ("dpo", 4, 0, "flr"), ("nca", 4, 0, "flr")]
     assert len(runs) == 8 and runs[4][2] == 1
@@ -114,7 +117,7 @@ def test_a_sweep_of_reward_sources_runs_every_method_on_each_source_seed_by_seed
         grid.specs(runs, {"STEPS": 40}, smoke=False)
 
 
-def test_collect_of_a_source_sweep_writes_the_source_table_and_the_gain_figure(grid, tmp_path):
+def test_collect_of_a_source_sweep_writes_the_source_table_and_the_gain_figure(tmp_path):
     records = []
     for source, quality, acc in (("rubric", 1.0, 0.35), ("flr", 0.6, 0.3), ("random", 0.5, 0.25)):
         for seed in (0, 1):

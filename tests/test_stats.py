@@ -51,12 +51,13 @@ def test_paired_bootstrap_centres_on_mean_difference_and_pairs_matter():
         stats.paired_bootstrap([1.0, 2.0], [1.0])
 
 
-def test_paired_bootstrap_agrees_with_followup_accuracy_difference():
-    from nca_kit.rewards.followup import accuracy_difference
+def test_paired_bootstrap_agrees_with_the_reward_metrics_accuracy_difference():
+    from nca_kit.rewards import metrics
 
     rng = np.random.default_rng(0)
     ac, ar, bc, br = (rng.normal(size=64) for _ in range(4))
-    kit = accuracy_difference(ac, ar, bc, br, n_boot=4000, seed=3)
+    kit = metrics.accuracy_difference(metrics.pair_wins(*metrics.chosen_rejected(ac, ar)),
+                                      metrics.pair_wins(*metrics.chosen_rejected(bc, br)), n_boot=4000, seed=3)
     wins_a = (ac > ar) + 0.5 * (ac == ar)
     wins_b = (bc > br) + 0.5 * (bc == br)
     ours = stats.paired_bootstrap(wins_a, wins_b, n_boot=4000, seed=3)

@@ -12,14 +12,12 @@ import torch
 
 from nca_kit.training import NCATrainer, TrainConfig, batch_metrics, prepare_data, read_metrics, train
 
+from conftest import msgs
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def msgs(text):
-    return [{"role": "user", "content": text}]
 
 
 def reward_rows(n=4):

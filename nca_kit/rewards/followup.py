@@ -51,217 +51,60 @@ encodes the prefixes, then runs the follow-ups from their keys/values expanded o
 (:func:`nca_kit.packing.encode_prefixes`). All paths give the same numbers up to float rounding.
 
 Entry points: :func:`flr_rewards` / :func:`direct_rewards` (one float per response), :func:`flr_scores` (everything:
-per follow-up, per category, both variants), :func:`rescore_reward_dataset` and :func:`arithmetic_reward_dataset`
-(a canonical ``prompt, responses, rewards`` dataset scored by ``"flr"`` or ``"direct"``), and the metrics
-:func:`pairwise_accuracy` and :func:`ranking_metrics`. Scores are cached on disk (:class:`nca_kit.cache.Cache`) under
-a hash of the model's weights, the tokenizer's template, the follow-ups and the texts, in blocks of responses, so an
-interrupted run resumes and a rerun is instant.
+per follow-up, per category, both variants) and :func:`score_rows` (the rewards of a canonical ``prompt, responses,
+rewards`` dataset by ``"flr"`` or ``"direct"``, for the reward sources of :mod:`nca_kit.rewards.sources`). The
+follow-up sentences are in :mod:`nca_kit.rewards.followup_texts`, the metrics in :mod:`nca_kit.rewards.metrics`,
+the evaluations on preference pairs and K-response sets in :mod:`nca_kit.rewards.studies`. Scores are cached on
+disk (:class:`nca_kit.cache.Cache`) under a hash of the model's weights, the tokenizer's template, the follow-ups
+and the texts, in blocks of responses, so an interrupted run resumes and a rerun is instant.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from nca_kit.cache import Cache
-from nca_kit.data import as_messages as normalize_prompt
-from nca_kit.logps import tokenize_reward_record
 from nca_kit import packing
+from nca_kit.cache import Cache
+from nca_kit.logps import tokenize_reward_record
+from nca_kit.rewards.followup_texts import (  # noqa: F401  (the sets and load_followups: kept importable here)
+    ARITHMETIC_FOLLOWUPS,
+    CATEGORIES,
+    HELPFULNESS_FOLLOWUPS,
+    POLARITIES,
+    FollowupTokens,
+    check_inputs,
+    conversation_prefix,
+    flatten_followups,
+    followup_tokens,
+    load_followups,
+)
 
 __all__ = [
-    "CATEGORIES",
     "VARIANTS",
-    "HELPFULNESS_FOLLOWUPS",
-    "ARITHMETIC_FOLLOWUPS",
-    "load_followups",
     "prefix_shared_logps",
     "FLRScores",
     "flr_scores",
     "flr_rewards",
     "direct_rewards",
     "model_fingerprint",
-    "rescore_reward_dataset",
-    "arithmetic_reward_dataset",
-    "pairwise_accuracy",
-    "ranking_metrics",
-    "accuracy_difference",
-    "hh_pairs",
-    "PairEvaluation",
-    "evaluate_pairs",
-    "evaluate_k_responses",
-    "plot_pair_accuracy",
-    "plot_score_distributions",
+    "SCORERS",
+    "score_rows",
 ]
-
-#: The paper's six helpfulness categories of follow-ups.
-CATEGORIES = ("understanding", "relevance", "correctness", "engagingness", "informativeness", "instruction_following")
 
 #: ``"paper"``: mean teacher-forced token log-likelihood of the follow-up (the paper's text). ``"code"``: mean raw
 #: logit of the follow-up's token ids at the state of its first token (what the public ``run_llama3.py`` reads on
 #: its Llama-3 template). ``"code_literal"``: the same bag of logits at the literal ``logits[-L]`` offset.
 VARIANTS = ("paper", "code", "code_literal")
 
-POLARITIES = ("positive", "negative")
-
 _VERSION = "flr-v2"  # bump when the scoring changes (it keys the on-disk cache)
 _CACHE_BLOCK = 32  # responses per cache entry: an interrupted run loses at most one block
-
-# The kit's own follow-ups (about ten per category and polarity), written as a user would reply.
-HELPFULNESS_FOLLOWUPS: dict[str, dict[str, tuple[str, ...]]] = {
-    "understanding": {
-        "positive": (
-            "You understood exactly what I meant.", "Yes, that's exactly what I was asking about.",
-            "You got my question right.", "Great, you understood what I needed.",
-            "That's precisely what I had in mind.", "You really understood my situation.",
-            "Thanks, you understood the question perfectly.", "Yes, you caught what I was getting at.",
-            "Exactly, that's the point of my question.", "You read my request correctly."),
-        "negative": (
-            "You misunderstood my question.", "That's not what I asked.", "I think you got my question wrong.",
-            "No, you missed what I meant.", "That's not what I was asking about at all.",
-            "You didn't understand my request.", "I meant something else entirely.", "You've misread my question.",
-            "That's not what I had in mind.", "Did you even read my question?"),
-    },
-    "relevance": {
-        "positive": (
-            "That's right on topic, thanks.", "Thanks, that's relevant to what I asked.",
-            "That addresses my question directly.", "Good, you stayed on the subject.",
-            "That's exactly the information I was looking for.", "Thanks, that's to the point.",
-            "That's very relevant, thank you.", "You answered the question I asked.", "That's what I needed to know.",
-            "Perfect, that's the topic I care about."),
-        "negative": (
-            "That's off topic.", "That has nothing to do with my question.", "Why are you talking about that?",
-            "That's irrelevant to what I asked.", "You went off on a tangent.", "Please stick to my question.",
-            "That doesn't address what I asked.", "I didn't ask about that.", "That's beside the point.",
-            "You changed the subject."),
-    },
-    "correctness": {
-        "positive": (
-            "That's correct, thank you.", "Yes, that's right.", "That's accurate.",
-            "Thanks, that information is correct.", "You got it right.", "I checked, and that's true.",
-            "Right, that matches what I know.", "That's a correct answer.", "Great, that's exactly right.",
-            "Yes, those facts are accurate."),
-        "negative": (
-            "That's wrong.", "That's not correct.", "That's inaccurate.", "I'm pretty sure that's false.",
-            "You got that wrong.", "That information is incorrect.", "No, that's not true.", "That's a mistake.",
-            "I checked, and that's wrong.", "Your answer contains errors."),
-    },
-    "engagingness": {
-        "positive": (
-            "That's really interesting!", "I enjoyed reading that.", "Wow, tell me more!",
-            "That's fascinating, thanks.", "What a fun answer!", "I love how you put that.",
-            "That was a pleasure to read.", "You made that really engaging.", "Ha, that's great!",
-            "That's a delightful answer."),
-        "negative": (
-            "That's boring.", "That was dull to read.", "You sound like a robot.", "That's a pretty bland answer.",
-            "I lost interest halfway through.", "That was tedious.", "Meh, that's not very interesting.",
-            "That answer is lifeless.", "You could be less monotonous.", "That's uninspiring."),
-    },
-    "informativeness": {
-        "positive": (
-            "That's very informative, thanks.", "I learned a lot from that.", "Thanks for the detailed explanation.",
-            "That's really helpful information.", "That's a thorough answer.",
-            "Thanks, that gives me everything I need.", "Great, that covers it well.", "That's useful, thank you.",
-            "Thanks for all the details.", "That's a comprehensive answer."),
-        "negative": (
-            "That's not helpful.", "That doesn't tell me anything.", "That's too vague.",
-            "I didn't learn anything from that.", "That answer lacks substance.", "You left out the important parts.",
-            "That's not very useful.", "That's too shallow.", "That doesn't give me enough information.",
-            "Can you be more specific? That told me nothing."),
-    },
-    "instruction_following": {
-        "positive": (
-            "You followed my instructions perfectly.", "That's exactly the format I asked for.",
-            "Thanks for doing what I asked.", "Great, you did it just as I requested.",
-            "You respected all my requirements.", "Perfect, that follows my instructions.",
-            "That's just what I asked you to do.", "You stuck to my request.", "Thanks for following the instructions.",
-            "That meets all my constraints."),
-        "negative": (
-            "You didn't follow my instructions.", "That's not the format I asked for.",
-            "I asked you to do something different.", "You ignored my request.", "Please do what I asked.",
-            "That doesn't follow my instructions.", "You left out what I specifically asked for.",
-            "That's not what I told you to do.", "You didn't respect my constraints.",
-            "I gave you clear instructions and you ignored them."),
-    },
-}
-
-#: Correctness-only follow-ups for the kit's arithmetic task (:mod:`nca_kit.tasks`): is the number right?
-ARITHMETIC_FOLLOWUPS: dict[str, dict[str, tuple[str, ...]]] = {
-    "correctness": {
-        "positive": (
-            "That's the right answer.", "Correct, thank you.", "Yes, that number is right.", "Right, that's correct.",
-            "You got the right number.", "That's correct.", "Yes, that's right.", "The math checks out.",
-            "Exactly right.", "Thanks, that's the correct answer."),
-        "negative": (
-            "That's the wrong answer.", "No, that's incorrect.", "That number is wrong.", "Your math is wrong.",
-            "That's not right.", "You made a calculation error.", "No, that's wrong.", "The math doesn't add up.",
-            "That's not correct.", "Please check your arithmetic, that's wrong."),
-    },
-}
-
-_NAMED_SETS = {"helpfulness": HELPFULNESS_FOLLOWUPS, "arithmetic": ARITHMETIC_FOLLOWUPS}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Follow-ups
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def load_followups(followups: str | os.PathLike | Mapping | None = None,
-                   categories: Sequence[str] | None = None) -> dict[str, dict[str, tuple[str, ...]]]:
-    """Follow-ups as ``{category: {"positive": (...), "negative": (...)}}``, checked.
-
-    ``followups``: ``None`` or ``"helpfulness"`` (the six categories, :data:`HELPFULNESS_FOLLOWUPS`),
-    ``"arithmetic"`` (:data:`ARITHMETIC_FOLLOWUPS`), a mapping of that shape, or the path of a JSON file holding one.
-    ``categories`` keeps only those categories, in that order.
-    """
-    if followups is None or (isinstance(followups, str) and followups in _NAMED_SETS):
-        source: Any = _NAMED_SETS[followups or "helpfulness"]
-    elif isinstance(followups, Mapping):
-        source = followups
-    elif isinstance(followups, (str, os.PathLike)):
-        path = Path(followups).expanduser()
-        if not path.exists():
-            raise ValueError(f"followups: {str(followups)!r} is neither {' nor '.join(map(repr, _NAMED_SETS))} "
-                             "nor an existing JSON file")
-        source = json.loads(path.read_text())
-    else:
-        raise ValueError(f"followups must be a set name, a mapping or a JSON path, got {type(followups).__name__}")
-    if not isinstance(source, Mapping) or not source:
-        raise ValueError("followups must map category -> {'positive': [...], 'negative': [...]}; got an empty set")
-    if categories is not None:
-        if isinstance(categories, str):
-            categories = [categories]
-        unknown = [c for c in categories if c not in source]
-        if unknown or not categories:
-            raise ValueError(f"categories: {unknown or '[]'} not among the follow-up categories {list(source)}")
-        source = {c: source[c] for c in categories}
-    out = {}
-    for category, lists in source.items():
-        if not isinstance(lists, Mapping) or set(lists) != set(POLARITIES):
-            raise ValueError(f"followups: category {category!r} needs exactly the keys 'positive' and 'negative'")
-        out[category] = {}
-        for polarity in POLARITIES:
-            texts = lists[polarity]
-            if isinstance(texts, str) or not texts:
-                raise ValueError(f"followups: category {category!r} has no {polarity} follow-ups (give a list)")
-            if not all(isinstance(t, str) and t.strip() for t in texts):
-                raise ValueError(f"followups: category {category!r} holds an empty {polarity} follow-up")
-            out[category][polarity] = tuple(texts)
-    return out
-
-
-def _flatten(followups: Mapping) -> list[tuple[str, str, str]]:
-    """``(category, polarity, text)`` in a fixed order: category by category, positives first."""
-    return [(c, p, t) for c, lists in followups.items() for p in POLARITIES for t in lists[p]]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -409,98 +252,6 @@ def prefix_shared_logps(model, prefixes: Sequence[Sequence[int]], continuations:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Conversations and their tokens
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _check_inputs(tokenizer, prompts, responses) -> list[list[dict]]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("tokenizer has no chat template; set tokenizer.chat_template (e.g. "
-                         "nca_kit.models.CHATML_TEMPLATE for ChatML models) or pass a chat model's tokenizer")
-    if isinstance(prompts, str) or isinstance(responses, str):
-        raise ValueError("prompts and responses must be lists (one entry per response), not a single string")
-    if len(prompts) != len(responses):
-        raise ValueError(f"responses: {len(responses)} given but prompts has {len(prompts)} (one prompt per response)")
-    if not responses:
-        raise ValueError("responses: nothing to score (empty list)")
-    for i, r in enumerate(responses):
-        if not isinstance(r, str) or not r.strip():
-            raise ValueError(f"responses[{i}] is empty; drop empty responses before scoring")
-    return [normalize_prompt(p) for p in prompts]
-
-
-def _template(tokenizer, messages, **kwargs) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-@dataclass(frozen=True)
-class _FollowupTokens:
-    """One follow-up turn as the continuation of ``prompt + response``: its ids, which of them are the follow-up's
-    own tokens (``span``), and the pieces the public code reads (``code_position``, ``literal_position``,
-    ``code_ids``)."""
-
-    ids: tuple[int, ...]
-    span: tuple[int, int]
-    code_position: int  # t: variant "code" reads the state that predicts token t = span[0] + 1 (the state at the
-    #                     follow-up's first token, what the public code reads on Llama-3's template)
-    code_ids: tuple[int, ...]
-    literal_position: int  # t of the literal logits[-L] offset (variant "code_literal"; t <= len(ids))
-
-
-def _followup_tokens(tokenizer, text: str) -> _FollowupTokens:
-    """Tokens of the user turn ``text`` appended to a conversation, found through the chat template.
-
-    The turn's text is what the template adds after a closed assistant turn; two probe conversations must give the
-    same addition (the turn does not depend on earlier content), else the template cannot be scored this way.
-    """
-    turns = []
-    for probe in (("Hi.", "Hello."), ("What is 2 + 2?", "4")):
-        messages = [{"role": "user", "content": probe[0]}, {"role": "assistant", "content": probe[1]}]
-        before = _template(tokenizer, messages)
-        after = _template(tokenizer, messages + [{"role": "user", "content": text}])
-        if not after.startswith(before):
-            raise ValueError("the chat template rewrites earlier turns when a user turn is added; FLR needs a "
-                             "template whose conversations only grow (set tokenizer.chat_template)")
-        turns.append(after[len(before):])
-    if turns[0] != turns[1]:
-        raise ValueError("the chat template renders a user turn differently depending on earlier turns; "
-                         "FLR needs a template whose new turn does not (set tokenizer.chat_template)")
-    turn = turns[0]
-    start = turn.rfind(text.strip())
-    if start < 0:
-        raise ValueError(f"the chat template does not reproduce the follow-up {text!r} inside its user turn")
-    end = start + len(text.strip())
-    encoded = tokenizer(turn, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoded["input_ids"])
-    inside = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < end and b > start and b > a]
-    if not inside:
-        raise ValueError(f"follow-up {text!r} has no tokens of its own inside the chat template's user turn")
-    # Public code, literally: the conversation ends with `ids`; it reads the output at position len(full) - L of the
-    # full sequence, the state that predicts the token after it, i.e. continuation token len(ids) - L + 1. On its
-    # Llama-3 template (BOS in L, one closing <|eot_id|>) that is the state at the follow-up's first token; variant
-    # "code" reads that state on every template.
-    code_ids = list(tokenizer(text)["input_ids"])
-    literal_position = len(ids) - len(code_ids) + 1
-    if not 0 <= literal_position <= len(ids):
-        raise ValueError(f"follow-up {text!r}: the public code's position falls outside its user turn")
-    return _FollowupTokens(tuple(ids), (inside[0], inside[-1] + 1), inside[0] + 1, tuple(code_ids), literal_position)
-
-
-def _truncate_left(ids: list[int], max_length: int) -> list[int]:
-    return ids[-max_length:]
-
-
-def _conversation_prefix(tokenizer, messages, response: str, max_length: int) -> list[int]:
-    """Tokens of ``messages + [assistant response]`` (closed turn), keeping the last ``max_length``."""
-    text = _template(tokenizer, list(messages) + [{"role": "assistant", "content": response}])
-    return _truncate_left(_encode(tokenizer, text), max_length)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # FLR
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -576,7 +327,7 @@ def _eval_mode(model):
     return was_training
 
 
-def _shared_header(tokens: list[_FollowupTokens]) -> int:
+def _shared_header(tokens: list[FollowupTokens]) -> int:
     """Length of the turn header every follow-up starts with (``<|im_start|>user\n`` in ChatML): it joins the prefix,
     so it is encoded once per response. It stops before the first token any score reads."""
     limit = min(min(f.span[0] for f in tokens), min(f.literal_position for f in tokens))
@@ -586,7 +337,7 @@ def _shared_header(tokens: list[_FollowupTokens]) -> int:
     return common
 
 
-def _flr_block(model, tokenizer, messages, responses, tokens: list[_FollowupTokens], *, batch_size, max_length,
+def _flr_block(model, tokenizer, messages, responses, tokens: list[FollowupTokens], *, batch_size, max_length,
                share_prefix, layout="auto", tick=lambda n: None) -> np.ndarray:
     """``(n, F, 3)`` scores of a block of responses: ``[..., 0]`` mean log-likelihood, ``[..., 1]`` code logit,
     ``[..., 2]`` literal-offset code logit.
@@ -607,7 +358,7 @@ def _flr_block(model, tokenizer, messages, responses, tokens: list[_FollowupToke
     device = _device(model)
     for lo in range(0, len(responses), per_forward):
         hi = min(lo + per_forward, len(responses))
-        prefixes = [_conversation_prefix(tokenizer, m, r, max_length) + header
+        prefixes = [conversation_prefix(tokenizer, m, r, max_length) + header
                     for m, r in zip(messages[lo:hi], responses[lo:hi])]
         encoded = _CachedPrefixes(model, prefixes) if layout == "cache" else None
         for f_lo in range(0, n_f, chunk):
@@ -693,11 +444,11 @@ def flr_scores(
             :func:`model_fingerprint`, the follow-ups, ``max_length`` and the texts; ``None``: no disk cache.
         progress: a tqdm bar over responses (else progress lines, :mod:`nca_kit.progress`).
     """
-    messages = _check_inputs(tokenizer, prompts, responses)
-    flat = _flatten(load_followups(followups, categories))
+    messages = check_inputs(tokenizer, prompts, responses)
+    flat = flatten_followups(load_followups(followups, categories))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    tokens = [_followup_tokens(tokenizer, text) for _, _, text in flat]
+    tokens = [followup_tokens(tokenizer, text) for _, _, text in flat]
     cache = _cache(cache_dir)
     fingerprint = model_fingerprint(model, tokenizer) if cache is not None else None
     parts = []
@@ -786,7 +537,7 @@ def direct_rewards(model, tokenizer, prompts: Sequence, responses: Sequence[str]
     generation prompt, response + EOS, the same truncation rule). Responses with the same prompt share its encoding
     (:func:`prefix_shared_logps`). ``cache_dir`` and ``progress`` as in :func:`flr_scores`.
     """
-    messages = _check_inputs(tokenizer, prompts, responses)
+    messages = check_inputs(tokenizer, prompts, responses)
     cache = _cache(cache_dir)
     fingerprint = model_fingerprint(model, tokenizer) if cache is not None else None
     parts = []
@@ -815,318 +566,44 @@ def direct_rewards(model, tokenizer, prompts: Sequence, responses: Sequence[str]
 # Reward datasets
 # --------------------------------------------------------------------------------------------------------------------
 
-SOURCES = ("flr", "direct")
+#: The follow-up scorers by name, each ``(model, tokenizer, prompts, responses, **kwargs) -> (N,)``: what the reward
+#: sources ``flr`` and ``direct`` of :mod:`nca_kit.rewards.sources` run.
+SCORERS = {"flr": flr_rewards, "direct": direct_rewards}
 
 
-def rescore_reward_dataset(dataset, source: str, model, tokenizer, *, followups=None, variant: str = "paper",
-                           categories: Sequence[str] | None = None, keep_as: str | None = "original_rewards",
-                           **kwargs):
-    """A canonical reward dataset (``prompt, responses, rewards``) whose ``rewards`` are re-scored by ``source``.
-
-    ``source``: ``"flr"`` (:func:`flr_rewards` with ``followups``, ``variant``, ``categories``) or ``"direct"``
-    (:func:`direct_rewards`). The old rewards move to the column ``keep_as`` (``None`` drops them); every other
-    column is kept. Other keyword arguments go to the scorer (``batch_size``, ``cache_dir``, ``progress``, ...).
-    """
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    missing = [c for c in ("prompt", "responses", "rewards") if c not in dataset.column_names]
+def score_rows(dataset, scorer: str, model, tokenizer, **kwargs) -> list[list[float]]:
+    """The rewards of every response of a canonical reward dataset (``prompt, responses``) by ``scorer`` (a key of
+    :data:`SCORERS`), one list per row; :func:`nca_kit.rewards.sources.with_rewards` writes them into the dataset.
+    Keyword arguments go to the scorer (``followups``, ``variant``, ``batch_size``, ``cache_dir``, ...)."""
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be one of {tuple(SCORERS)}, got {scorer!r}")
+    missing = [c for c in ("prompt", "responses") if c not in dataset.column_names]
     if missing:
         raise ValueError(f"dataset: missing column(s) {missing}; need the canonical reward schema")
     prompts = [p for p, rs in zip(dataset["prompt"], dataset["responses"]) for _ in rs]
     responses = [r for rs in dataset["responses"] for r in rs]
-    if source == "flr":
-        flat = flr_rewards(model, tokenizer, prompts, responses, followups=followups, variant=variant,
-                           categories=categories, **kwargs)
-    else:
-        flat = direct_rewards(model, tokenizer, prompts, responses, **kwargs)
-    rewards, at = [], 0
+    flat = SCORERS[scorer](model, tokenizer, prompts, responses, **kwargs)
+    rows, at = [], 0
     for rs in dataset["responses"]:
-        rewards.append([float(x) for x in flat[at:at + len(rs)]])
+        rows.append([float(x) for x in flat[at:at + len(rs)]])
         at += len(rs)
-    if keep_as is not None:
-        dataset = dataset.rename_column("rewards", keep_as)
-    else:
-        dataset = dataset.remove_columns("rewards")
-    return dataset.add_column("rewards", rewards)
+    return rows
 
 
-def arithmetic_reward_dataset(source: str = "flr", *, model=None, tokenizer=None, variant: str = "paper",
-                              followups="arithmetic", n: int | None = None, **kwargs):
-    """The kit's arithmetic K = 4 training data (``data/``, :mod:`nca_kit.generate` defaults) re-scored by ``source``.
+# Kept for notebook 11, which reads the tokens of a follow-up turn under their former private names.
+_followup_tokens, _conversation_prefix = followup_tokens, conversation_prefix
 
-    One call: loads SmolLM2-135M-Instruct when ``model`` is not given, reads the shipped dataset (no sampling), and
-    returns :func:`rescore_reward_dataset`'s result; the rubric rewards stay in ``original_rewards``. ``n`` keeps the
-    first ``n`` prompts. Default follow-ups: :data:`ARITHMETIC_FOLLOWUPS` (correctness only).
-    """
-    from nca_kit import generate
-    from nca_kit.models import load_smollm2
-
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    repo = Path(__file__).resolve().parents[2]
-    train = generate.load_or_generate(generate.GenerationSettings(), search_dirs=(repo / "data",),
-                                      verbose=False)["train"]
-    if n is not None:
-        train = train.select(range(min(n, len(train))))
-    if model is None:
-        model, tokenizer = load_smollm2()
-    extra = {"followups": followups, "variant": variant} if source == "flr" else {}
-    return rescore_reward_dataset(train, source, model, tokenizer, **extra, **kwargs)
+# Kept for the notebooks (11 reads these as ``flr.<name>``): names that moved to the studies and the figures,
+# resolved on first use so that this module does not import the modules built on it.
+_MOVED = {"hh_pairs": "nca_kit.rewards.studies", "PairEvaluation": "nca_kit.rewards.studies",
+          "evaluate_pairs": "nca_kit.rewards.studies", "evaluate_k_responses": "nca_kit.rewards.studies",
+          "plot_pair_accuracy": "nca_kit.plots", "plot_score_distributions": "nca_kit.plots",
+          "arithmetic_reward_dataset": "nca_kit.rewards.sources"}
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------------------------------------
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
 
-
-def _wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``p`` observed on ``n`` trials."""
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return min(centre - half, p), max(centre + half, p)  # min/max: float rounding at p = 0 or 1
-
-
-def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> dict:
-    """Share of pairs where the chosen response scores higher (a tie counts 1/2), with a Wilson 95 % interval.
-
-    Returns ``{"accuracy", "low", "high", "n", "ties"}``.
-    """
-    chosen, rejected = np.asarray(chosen, float), np.asarray(rejected, float)
-    if chosen.shape != rejected.shape or chosen.ndim != 1 or not len(chosen):
-        raise ValueError(f"chosen and rejected must be equal-length 1-D, got {chosen.shape} and {rejected.shape}")
-    ties = int((chosen == rejected).sum())
-    p = float(((chosen > rejected).sum() + 0.5 * ties) / len(chosen))
-    low, high = _wilson(p, len(chosen))
-    return {"accuracy": p, "low": low, "high": high, "n": len(chosen), "ties": ties}
-
-
-def accuracy_difference(a_chosen, a_rejected, b_chosen, b_rejected, *, n_boot: int = 4000, seed: int = 0) -> dict:
-    """Pairwise accuracy of scorer A minus that of scorer B on the *same* pairs, with a paired bootstrap 95 % interval
-    (pairs resampled together, so the interval reflects how much the two scorers' per-pair outcomes co-vary)."""
-    wins = []
-    for chosen, rejected in ((a_chosen, a_rejected), (b_chosen, b_rejected)):
-        chosen, rejected = np.asarray(chosen, float), np.asarray(rejected, float)
-        wins.append((chosen > rejected) + 0.5 * (chosen == rejected))  # (n,)
-    if wins[0].shape != wins[1].shape:
-        raise ValueError(f"b_chosen: {wins[1].shape[0]} pairs but scorer A has {wins[0].shape[0]}")
-    delta = wins[0] - wins[1]  # (n,)
-    draws = np.random.default_rng(seed).integers(0, len(delta), size=(n_boot, len(delta)))
-    boot = delta[draws].mean(1)  # (n_boot,)
-    return {"difference": float(delta.mean()), "low": float(np.quantile(boot, 0.025)),
-            "high": float(np.quantile(boot, 0.975)), "n": len(delta)}
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x))
-    for value in np.unique(x):  # average ranks of ties
-        tied = x == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def ranking_metrics(scores: Sequence[Sequence[float]], golden: Sequence[Sequence[float]]) -> dict:
-    """How well ``scores`` rank the K responses of each prompt against ``golden`` rewards (both ``(B, K)``).
-
-    * ``spearman``: mean per-prompt Spearman correlation over prompts where neither row is constant (``n_spearman``);
-    * ``pair_accuracy``: share of within-prompt pairs with different golden rewards that ``scores`` order the same
-      way (a score tie counts 1/2), with its Wilson interval (``pair_low``, ``pair_high``, ``n_pairs``);
-    * ``best_of_k``: mean golden reward of the response with the highest score (first on ties), beside ``oracle``
-      (the best golden reward) and ``random`` (the mean golden reward).
-    """
-    scores, golden = np.asarray(scores, float), np.asarray(golden, float)
-    if scores.shape != golden.shape or scores.ndim != 2:
-        raise ValueError(f"scores and golden must both be (B, K), got {scores.shape} and {golden.shape}")
-    rhos = []
-    wins = []
-    for s, g in zip(scores, golden):
-        if np.ptp(s) > 0 and np.ptp(g) > 0:
-            rhos.append(np.corrcoef(_ranks(s), _ranks(g))[0, 1])
-        for i in range(len(s)):
-            for j in range(len(s)):
-                if g[i] > g[j]:
-                    wins.append(1.0 if s[i] > s[j] else 0.5 if s[i] == s[j] else 0.0)
-    best = golden[np.arange(len(golden)), scores.argmax(1)]
-    out = {"spearman": float(np.mean(rhos)) if rhos else float("nan"), "n_spearman": len(rhos),
-           "best_of_k": float(best.mean()), "oracle": float(golden.max(1).mean()), "random": float(golden.mean())}
-    if wins:
-        low, high = _wilson(float(np.mean(wins)), len(wins))
-        out.update(pair_accuracy=float(np.mean(wins)), pair_low=low, pair_high=high, n_pairs=len(wins))
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Evaluations: preference pairs and K scored responses
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def hh_pairs(n: int | None = None, *, seed: int = 0, path: str | os.PathLike | None = None):
-    """HH-RLHF harmless-base test pairs (:func:`nca_kit.data.load_hh_rlhf`; the 4 of 2,312 rows with an empty reply
-    are skipped), in one order shuffled with ``seed``, cut to the first ``n``: a larger ``n`` keeps the pairs of a
-    smaller one first (and their cached scores)."""
-    from nca_kit.data import load_hh_rlhf
-
-    data_logger = logging.getLogger("nca_kit.data")  # its load report names the file: keep it out of outputs
-    level = data_logger.level
-    data_logger.setLevel(logging.ERROR)
-    try:
-        ds = load_hh_rlhf(path, on_invalid="skip")
-    finally:
-        data_logger.setLevel(level)
-    ds = ds.shuffle(seed=seed)  # always: n only cuts the one seeded order, so any n keeps the pairs of a smaller one
-    return ds if n is None else ds.select(range(min(n, len(ds))))
-
-
-@dataclass
-class PairEvaluation:
-    """FLR and Direct on ``n`` preference pairs: ``flr`` scores ``2n`` responses (chosen at even rows, rejected at odd
-    rows), ``direct`` ``(2n,)``; :meth:`table` gives pairwise accuracies, :meth:`disagreement` compares variants."""
-
-    flr: FLRScores
-    direct: np.ndarray
-
-    @property
-    def n(self) -> int:
-        return len(self.direct) // 2
-
-    def scorers(self) -> dict[tuple[str, str], np.ndarray]:
-        """``{(scorer, category): (2n,) rewards}``: Direct, then FLR of each variant, all categories then each
-        (when there are several)."""
-        out = {("Direct", "-"): self.direct}
-        for variant in VARIANTS:
-            out[(f"FLR ({variant})", "all")] = self.flr.rewards(variant)
-            if len(self.flr.categories) > 1:  # with one category, "all" is that category
-                for category, rewards in self.flr.category_rewards(variant).items():
-                    out[(f"FLR ({variant})", category)] = rewards
-        return out
-
-    def table(self):
-        """A ``pandas.DataFrame``: one row per scorer and category, with ``accuracy``, ``low``, ``high``, ``n``."""
-        import pandas as pd
-
-        rows = [{"scorer": s, "category": c, **pairwise_accuracy(r[0::2], r[1::2])}
-                for (s, c), r in self.scorers().items()]
-        return pd.DataFrame(rows)
-
-    def versus_direct(self, variant: str = "paper", category: str = "all") -> dict:
-        """FLR accuracy minus Direct accuracy on these pairs, with its paired bootstrap interval."""
-        flr = self.scorers()[(f"FLR ({variant})", category)]
-        return accuracy_difference(flr[0::2], flr[1::2], self.direct[0::2], self.direct[1::2])
-
-    def disagreement(self) -> dict:
-        """How much the two variants differ on the all-category reward: share of pairs they order differently, and
-        the Spearman correlation of their rewards over responses (and of their chosen-minus-rejected margins)."""
-        paper, code = self.flr.rewards("paper"), self.flr.rewards("code")
-        margin_paper, margin_code = paper[0::2] - paper[1::2], code[0::2] - code[1::2]
-        return {"pairs_ordered_differently": float(np.mean(np.sign(margin_paper) != np.sign(margin_code))),
-                "spearman_rewards": float(np.corrcoef(_ranks(paper), _ranks(code))[0, 1]),
-                "spearman_margins": float(np.corrcoef(_ranks(margin_paper), _ranks(margin_code))[0, 1]),
-                "n_pairs": self.n}
-
-
-def evaluate_pairs(model, tokenizer, prompts: Sequence, chosen: Sequence[str], rejected: Sequence[str], *,
-                   followups=None, categories: Sequence[str] | None = None, **kwargs) -> PairEvaluation:
-    """Score every pair's chosen and rejected response with FLR (both variants, every category) and Direct.
-
-    Keyword arguments go to :func:`flr_scores` and :func:`direct_rewards` (``cache_dir``, ``progress``, ...).
-    """
-    if not (len(prompts) == len(chosen) == len(rejected)):
-        raise ValueError(f"chosen / rejected: {len(chosen)} / {len(rejected)} given for {len(prompts)} prompts")
-    both_prompts = [p for p in prompts for _ in range(2)]
-    both = [t for pair in zip(chosen, rejected) for t in pair]
-    batch_size = kwargs.pop("batch_size", 64)  # FLR's continuations per forward; Direct keeps its own default
-    scores = flr_scores(model, tokenizer, both_prompts, both, followups=followups, categories=categories,
-                        batch_size=batch_size, **kwargs)
-    direct = direct_rewards(model, tokenizer, both_prompts, both, **kwargs)
-    return PairEvaluation(scores, direct)
-
-
-def evaluate_k_responses(model, tokenizer, dataset, *, followups="arithmetic", golden: str = "rewards",
-                         correct_threshold: float | None = None, **kwargs):
-    """FLR (each variant and category) and Direct against the golden rewards of a K-response dataset.
-
-    Returns ``(table, scores)``: a ``pandas.DataFrame`` with one row per scorer and category holding
-    :func:`ranking_metrics` (per-prompt Spearman, pairwise accuracy on pairs with different golden rewards, Best-of-K
-    golden reward) and, with ``correct_threshold``, ``correct_pair_accuracy``: the same accuracy on pairs of one
-    correct (golden >= threshold) and one wrong response; ``scores`` maps ``(scorer, category)`` to ``(B, K)``.
-    """
-    import pandas as pd
-
-    ks = {len(r) for r in dataset["responses"]}
-    if len(ks) != 1:
-        raise ValueError(f"dataset: every row needs the same number of responses, got {sorted(ks)}")
-    k = ks.pop()
-    prompts = [p for p in dataset["prompt"] for _ in range(k)]
-    responses = [r for rs in dataset["responses"] for r in rs]
-    gold = np.asarray(dataset[golden], float)  # (B, K)
-    batch_size = kwargs.pop("batch_size", 64)  # FLR's continuations per forward; Direct keeps its own default
-    evaluation = PairEvaluation(flr_scores(model, tokenizer, prompts, responses, followups=followups,
-                                           batch_size=batch_size, **kwargs),
-                                direct_rewards(model, tokenizer, prompts, responses, **kwargs))
-    scores = {key: value.reshape(-1, k) for key, value in evaluation.scorers().items()}
-    rows = []
-    for (scorer, category), s in scores.items():
-        row = {"scorer": scorer, "category": category, **ranking_metrics(s, gold)}
-        if correct_threshold is not None:
-            correct = ranking_metrics(s, (gold >= correct_threshold).astype(float))
-            row.update(correct_pair_accuracy=correct.get("pair_accuracy", float("nan")),
-                       correct_pair_low=correct.get("pair_low", float("nan")),
-                       correct_pair_high=correct.get("pair_high", float("nan")),
-                       n_correct_pairs=correct.get("n_pairs", 0))
-        rows.append(row)
-    return pd.DataFrame(rows), scores
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Figures
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def plot_pair_accuracy(table, ax=None, title: str = "Pairwise accuracy"):
-    """Bars of accuracy (with 95 % intervals) by category, one colour per FLR variant, Direct as a dashed line with its
-    interval as a grey band, chance as a grey line; every mark is in the legend."""
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(9, 3.8))
-    flr_rows = table[table.scorer.str.startswith("FLR")]
-    categories = list(dict.fromkeys(flr_rows.category))
-    variants = list(dict.fromkeys(flr_rows.scorer))
-    width = 0.8 / len(variants)
-    x = np.arange(len(categories))
-    for i, variant in enumerate(variants):
-        rows = flr_rows[flr_rows.scorer == variant].set_index("category").loc[categories]
-        err = np.vstack([rows.accuracy - rows.low, rows.high - rows.accuracy])
-        ax.bar(x + (i - (len(variants) - 1) / 2) * width, rows.accuracy, width, yerr=err, capsize=2, label=variant)
-    direct = table[table.scorer == "Direct"].iloc[0]
-    ax.axhline(direct.accuracy, color="k", ls="--", lw=1, label=f"Direct ({direct.accuracy:.3f})")
-    ax.axhspan(direct.low, direct.high, color="k", alpha=0.08, label="Direct's 95 % interval")
-    ax.axhline(0.5, color="grey", lw=0.8, label="chance (0.5)")
-    ax.set_xticks(x, [c.replace("_", "\n") for c in categories], fontsize=8)
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"{title} (n = {int(direct.n)} pairs, 95 % Wilson intervals)")
-    ax.legend(fontsize=8, loc="lower right")
-    return ax
-
-
-def plot_score_distributions(evaluation: PairEvaluation, variant: str = "paper", axes=None):
-    """Histograms of chosen vs rejected rewards: FLR (``variant``, all categories) and Direct, and their margins."""
-    import matplotlib.pyplot as plt
-
-    if axes is None:
-        _, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, (name, r) in zip(axes, [(f"FLR ({variant})", evaluation.flr.rewards(variant)),
-                                    ("Direct", evaluation.direct)]):
-        bins = np.histogram_bin_edges(r, bins=30)
-        ax.hist(r[0::2], bins=bins, alpha=0.6, label="chosen")
-        ax.hist(r[1::2], bins=bins, alpha=0.6, label="rejected")
-        ax.set_title(f"{name} reward")
-        ax.legend(fontsize=8)
-    for name, r in [(f"FLR ({variant})", evaluation.flr.rewards(variant)), ("Direct", evaluation.direct)]:
-        margin = r[0::2] - r[1::2]
-        axes[2].hist(margin / (np.std(margin) or 1.0), bins=30, alpha=0.5, label=name)
-    axes[2].axvline(0, color="k", lw=0.8)
-    axes[2].set_title("chosen - rejected (standardised)")
-    axes[2].legend(fontsize=8)
-    return axes
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
