@@ -37,6 +37,7 @@ __all__ = [
     "can_quantize_4bit",
     "compute_dtype_for",
     "qlora_quantization_config",
+    "save_model_folder",
     "tiny_model",
     "tiny_tokenizer",
     "default_device",
@@ -286,6 +287,22 @@ def qlora_quantization_config(double_quant: bool = True, compute_dtype: torch.dt
     )
 
 
+def save_model_folder(model, tokenizer, folder) -> None:
+    """``model`` and ``tokenizer`` as a model folder (``config.json``, ``generation_config.json``,
+    ``model.safetensors``, tokenizer files) written by *this* process. ``model.save_pretrained`` writes only on rank 0
+    of a process group, so under ``torchrun`` / ``accelerate launch`` the other processes would find their own
+    staging folder empty; tied weights are stored once (``safetensors.torch.save_model``)."""
+    from safetensors.torch import save_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(folder)
+
+
 def _under_fsdp() -> bool:
     """True inside ``accelerate launch`` with an FSDP config (accelerate sets ``ACCELERATE_USE_FSDP``)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
@@ -308,9 +325,7 @@ def smollm2_safetensors_dir(cache_dir: str | Path | None = None) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
-        with _quiet_loading():
-            model.save_pretrained(staging)  # safetensors
-        tokenizer.save_pretrained(staging)
+        save_model_folder(model, tokenizer, staging)
         if folder.exists():  # a concurrent writer finished first
             shutil.rmtree(staging)
         else:
@@ -373,9 +388,7 @@ def load_model(
 
         staging = tempfile.TemporaryDirectory(prefix="nca-kit-tiny-")  # weights are read into memory on load
         tokenizer = tiny_tokenizer()
-        with _quiet_loading():
-            tiny_model(TINY_NAMES[name.lower()], vocab_size=len(tokenizer)).save_pretrained(staging.name)
-        tokenizer.save_pretrained(staging.name)
+        save_model_folder(tiny_model(TINY_NAMES[name.lower()], vocab_size=len(tokenizer)), tokenizer, staging.name)
         name = staging.name
     elif quantize_4bit and name.lower() in SMOLLM2_NAMES:
         name = str(smollm2_safetensors_dir())

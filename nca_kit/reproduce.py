@@ -14,20 +14,52 @@ change with it:
 
 ``paper`` is Mistral-7B with QLoRA on the hub datasets (a GPU and network); ``small`` SmolLM2-135M-Instruct and
 ``tiny`` a random 2-layer Llama, both on the fixtures in ``data/`` (any CPU, offline).
+
+What makes a run "paper scale" is two things, kept apart here. The *recipe* is ``configs/paper_*.yaml`` (Appendix C:
+QLoRA NF4 with double quantisation, LoRA r 16 / alpha 16 / dropout 0.05 on every projection, gradient
+checkpointing, alpha = beta = 0.01, lr 5e-6 cosine with 10 % warmup, K = 4, the cached reference, the batch reached
+by gradient accumulation) and the evaluation path (answer files for the judges, lm-eval without a chat template).
+The *size* is the model (Mistral-7B, 32 layers), the data (hub datasets) and the lengths (1,024 tokens, batch 32).
+``paper_shape`` keeps the recipe and changes only the size (:data:`PAPER_SHAPE_REDUCED`): a Mistral-architecture
+model at Mistral-7B's widths (:data:`MISTRAL_7B_SHAPE`) with 2 of its 32 layers and random weights, built once per
+process in a temporary folder (:func:`paper_shape_model`) and loaded through the same QLoRA path of
+:func:`nca_kit.models.load_model`, on a slice of the fixtures in ``data/``. It runs on a CPU where bitsandbytes
+does 4-bit; what it cannot run is what needs the real 7B weights (meaningful answers and scores), the hub datasets
+(network) and the GPT-4 judge (an API key).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 from nca_kit import benchmarks
 from nca_kit import eval as ev
 
-__all__ = ["SCALES", "REPO", "train_config", "method_rows", "evaluate_alignment", "evaluate_reasoning",
+__all__ = ["SCALES", "REPO", "MISTRAL_7B_SHAPE", "PAPER_SHAPE_MODEL", "PAPER_SHAPE_REDUCED", "paper_shape_model",
+           "model_source", "reward_data", "pair_data", "train_config", "method_rows", "evaluate_alignment", "evaluate_reasoning",
            "write_record"]
 
 REPO = Path(__file__).resolve().parents[1]
+
+#: Mistral-7B's widths (the ``config.json`` of ``HuggingFaceH4/mistral-7b-sft-beta``, a Mistral-7B-v0.1 finetune).
+MISTRAL_7B_SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                        vocab_size=32000, num_hidden_layers=32, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                        rope_theta=10000.0, sliding_window=4096, tie_word_embeddings=False)
+#: The model name of the ``paper_shape`` scale, built by :func:`paper_shape_model` (not a hub id).
+PAPER_SHAPE_MODEL = "mistral-7b-shape"
+#: What ``paper_shape`` reduces, against the paper's size; everything else is the paper's recipe unchanged.
+PAPER_SHAPE_REDUCED = {
+    "layers": "2 of Mistral-7B's 32 (widths unchanged: hidden 4096, MLP 14336, 32 heads, 8 KV heads, vocab 32000), "
+              "random weights",
+    "tokenizer": "the kit's byte-level test tokenizer (384 tokens, ChatML template) instead of Mistral's",
+    "data": "the first prompts of the fixtures in data/ instead of the hub datasets",
+    "lengths": "prompt 24 / sequence 48 tokens instead of 512 / 1024",
+    "batch": "2 prompts per step (1 per forward x 2 accumulation steps) instead of 32; 2 optimizer steps",
+    "evaluation": "2 questions per benchmark, 4 new tokens; lm-eval on the kit's local arithmetic task instead of "
+                  "lm-eval's hub tasks",
+}
 
 #: scale -> what it runs on. ``overrides`` change the paper recipe (``configs/...yaml``) for the scale; ``None``
 #: sources are the hub's (paper scale). Sizes at the small scales are for a CPU; paper-scale sizes are the paper's.
@@ -41,6 +73,16 @@ SCALES = {
         "lm_eval_tasks": [t for t in benchmarks.TABLE3_TASKS.values() if t and t != "humaneval"],
         "overrides": {},  # Appendix C as in the YAML: lr 5e-6, batch 32, 1 epoch, alpha = beta = 0.01, QLoRA
         "max_new_tokens": 1024, "n_questions": None, "eval_limit": None, "gpu": True,
+    },
+    "paper_shape": {  # the paper's recipe at reduced size (PAPER_SHAPE_REDUCED); a CPU with bitsandbytes 4-bit
+        "model": PAPER_SHAPE_MODEL, "reasoning_model": PAPER_SHAPE_MODEL,
+        "reward_data": (REPO / "data" / "ultrafeedback_raw.jsonl", "ultrafeedback", "train"),
+        "pair_data": (REPO / "data" / "ultrainteract_pair.jsonl", "ultrainteract_pair", "train"),
+        "mt_bench": REPO / "data" / "mt_bench_question.jsonl", "alpaca_eval": REPO / "data" / "alpaca_eval.json",
+        "lm_eval_tasks": ["nca_kit_arith"],  # lm-eval's own tasks read hub datasets: the local task instead
+        "overrides": {"max_prompt_length": 24, "max_length": 48, "batch_size": 2, "per_device_batch_size": 1,
+                      "max_steps": 2, "save_steps": 0},  # size only: QLoRA, checkpointing, App. C stay
+        "max_new_tokens": 4, "n_questions": 2, "eval_limit": 2, "gpu": False,
     },
     "small": {
         "model": "smollm2-135m-instruct", "reasoning_model": "smollm2-135m-instruct",
@@ -73,6 +115,51 @@ def scale_settings(scale: str) -> dict:
     return SCALES[scale]
 
 
+@functools.lru_cache(maxsize=4)
+def paper_shape_model(layers: int = 2) -> Path:
+    """A folder holding a Mistral-architecture model at Mistral-7B's widths (:data:`MISTRAL_7B_SHAPE`) with ``layers``
+    decoder layers, random weights (seed 0, stored in bfloat16: 1.4 GB at 2 layers) and the kit's test tokenizer;
+    built once per process in a temporary folder (removed at exit). :func:`nca_kit.models.load_model` reads it like
+    any local model folder, in NF4 with ``quantize_4bit``."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from nca_kit.models import save_model_folder, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    config = MistralConfig(**{**MISTRAL_7B_SHAPE, "num_hidden_layers": layers},
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+    folder = Path(tempfile.mkdtemp(prefix=f"nca-kit-mistral-7b-shape-{layers}l-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    save_model_folder(model, tokenizer, folder)
+    return folder
+
+
+def model_source(scale: str, override: str = "", *, reasoning: bool = False) -> str:
+    """What ``load_model`` reads for ``scale``: ``override`` (a local model folder or another hub id) when given, else
+    the scale's model (``paper``: the hub id; ``paper_shape``: the folder of :func:`paper_shape_model`)."""
+    name = override or scale_settings(scale)["reasoning_model" if reasoning else "model"]
+    return str(paper_shape_model()) if name == PAPER_SHAPE_MODEL else str(name)
+
+
+def reward_data(scale: str, override: str = "") -> tuple:
+    """``(source, layout, split)`` of the scale's reward data, or of ``override`` (a local file, layout detected)."""
+    return (override, "auto", "train") if override else scale_settings(scale)["reward_data"]
+
+
+def pair_data(scale: str, override: str = "") -> tuple:
+    """``(source, layout, split)`` of the scale's pair data, or of ``override`` (a local file, layout detected)."""
+    return (override, "auto", "train") if override else scale_settings(scale)["pair_data"]
+
+
 def train_config(scale: str, recipe: str, *, model: str, loss_type: str, run_dir: Path, seed: int = 0,
                  **changes):
     """The paper's recipe ``configs/<recipe>.yaml`` with the scale's overrides, this run's loss, model, seed and
@@ -85,13 +172,13 @@ def train_config(scale: str, recipe: str, *, model: str, loss_type: str, run_dir
     return TrainConfig.from_yaml(REPO / "configs" / f"{recipe}.yaml", overrides)
 
 
-def method_rows(scale: str, method: str, *, k: int = 4, seed: int = 0, limit: int | None = None):
-    """``(rows, loss_type)``: the scale's UltraFeedback reward data through the kit's adapter, as ``method``
-    trains on it (:func:`nca_kit.experiment.method_dataset`); ``limit`` keeps the first prompts."""
+def method_rows(scale: str, method: str, *, k: int = 4, seed: int = 0, limit: int | None = None, data: str = ""):
+    """``(rows, loss_type)``: the scale's UltraFeedback reward data (or the file ``data``) through the kit's adapter,
+    as ``method`` trains on it (:func:`nca_kit.experiment.method_dataset`); ``limit`` keeps the first prompts."""
     from nca_kit.data import load_reward_dataset
     from nca_kit.experiment import method_dataset
 
-    source, layout, split = scale_settings(scale)["reward_data"]
+    source, layout, split = reward_data(scale, data)
     data = load_reward_dataset(source, layout=layout, split=split)
     if limit is not None:
         data = data.select(range(min(limit, len(data))))
@@ -147,7 +234,7 @@ def evaluate_reasoning(model, tokenizer, scale: str, *, include_path: Path | Non
     limit = limit if limit is not None else settings["eval_limit"]
     run = lambda: benchmarks.lm_eval_scores(model, settings["lm_eval_tasks"], tokenizer=tokenizer,  # noqa: E731
                                             include_path=include_path, limit=limit,
-                                            apply_chat_template=scale != "paper")
+                                            apply_chat_template=not scale.startswith("paper"))
     if base:
         with model.disable_adapter():
             return run()

@@ -2,6 +2,8 @@
 
     torchrun --standalone --nproc_per_node 2 tests/multiprocess_worker.py plan.json   # 2 processes
     python tests/multiprocess_worker.py plan.json                                     # 1 process
+    accelerate launch --config_file configs/accelerate/fsdp_full_shard.yaml --num_processes 2 ... \
+        tests/multiprocess_worker.py plan.json                                        # tests/test_fsdp_cpu.py
 
 (``accelerate launch --cpu --num_processes 2`` starts only one process: on CPU accelerate needs ``mpirun`` for more.
 ``torchrun`` starts the processes; the kit's code finds the group itself, as it does under ``torchrun -m
@@ -11,7 +13,8 @@ nca_kit.train``, so nothing here sets up the distributed state before the first 
 order in the same processes (one start-up for all). Each run goes through :func:`nca_kit.training.train` as the
 command line does; the worker only watches: every process writes ``<record>.rank<R>.json`` with the training
 micro-batches it computed a loss on (a digest of each prompt and its number of responses), the cached reference
-column it trained with, and which files it wrote (cache entries, ``config.yaml``, figures, model saves).
+column it trained with, which files it wrote (cache entries, ``config.yaml``, figures, model saves), the distributed
+type accelerate chose and the class that wrapped the model for training.
 ``resume_from`` ``[folder, step, last_logged_step]`` first copies that run's checkpoint, cached reference and
 metrics into the run's folder (main process), as a run killed after ``last_logged_step`` would leave it.
 """
@@ -93,6 +96,8 @@ def main(plan_path: str) -> None:
         result = train(config)
         args = result.trainer.args
         record = {"rank": args.process_index, "world": args.world_size, "batches": batches, "writes": writes,
+                  "distributed_type": str(result.trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
+                  "wrapper": type(result.trainer.model_wrapped).__name__,
                   "reference": [list(map(float, r)) for r in result.trainer.train_dataset["reference_logps"]]}
         Path(f"{job['record']}.rank{args.process_index}.json").write_text(json.dumps(record))
         result.trainer.accelerator.wait_for_everyone()
