@@ -158,7 +158,12 @@ def test_lecture_runs_in_jupyterlab(lab, browser, name, tmp_path):
                     const prompts = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')];
                     const failed = [...document.querySelectorAll('.jp-OutputArea-output')]
                         .some(e => /Traceback|\\w+Error: /.test(e.textContent));
-                    return failed || (prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent)));
+                    // JupyterLab's windowing may leave an off-screen prompt unrefreshed: the run is over when no
+                    // prompt shows "[*]", the last code cell has its number and the kernel is idle.
+                    const idle = /Idle/.test(document.querySelector('#jp-main-statusbar')?.textContent || '');
+                    const last = prompts[prompts.length - 1];
+                    return failed || (prompts.length > 0 && idle && !prompts.some(p => /\\[\\*\\]/.test(p.textContent))
+                                      && /\\[\\d+\\]/.test(last.textContent));
                 }""", timeout=RUN_TIMEOUT_S * 1000, polling=1000)
         except Exception:
             page.screenshot(path=str(shots / f"{name[:-6]}_timed_out.png"), full_page=True)
