@@ -18,9 +18,7 @@ and the saved weights (the full model's ``model.safetensors``; the adapter of th
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import pytest
 from safetensors.torch import load_file
 
 from nca_kit.models import can_quantize_4bit
-from test_multiprocess import COMMON, max_metric_diff, records, steps
+from test_multiprocess import COMMON, global_batches, launch_side_by_side, max_metric_diff, records, steps
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5  # as tests/test_multiprocess.py; measured here: 0.0 for both configs (bit-identical; printed by the test)
@@ -58,26 +56,16 @@ def test_fsdp_config_on_two_cpu_processes_trains_like_one(config_name, tmp_path)
         overrides = {**COMMON, **RUNS[config_name], "output_dir": str(folder / "run"), "max_steps": 4}
         (folder / "plan.json").write_text(json.dumps([dict(config="configs/tiny_cpu.yaml", record=str(folder / "run"),
                                                            overrides=overrides)]))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "NCA_KIT_SMOKE": "1"}
     accelerate = [shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate", "launch",
                   "--config_file", f"configs/accelerate/{config_name}.yaml", *CPU_OVERRIDES]
-    launches = [subprocess.Popen([*launcher, "tests/multiprocess_worker.py", str(folder / "plan.json")],
-                                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for folder, launcher in ((two, accelerate), (one, [sys.executable]))]  # side by side
-    for launch in launches:
-        output, _ = launch.communicate(timeout=600)
-        assert launch.returncode == 0, output[-3000:]
+    launch_side_by_side(two, one, accelerate)
 
     ranks, single = records(two / "run"), records(one / "run")[0]
     assert [r["world"] for r in ranks] == [2, 2] and single["world"] == 1
     # accelerate on CPU: data parallel, not sharded (see the module docstring)
     assert {r["distributed_type"] for r in ranks} == {"MULTI_CPU"}, [r["distributed_type"] for r in ranks]
     assert {r["wrapper"] for r in ranks} == {"DistributedDataParallel"}, [r["wrapper"] for r in ranks]
-    per_step_one = [sorted(map(tuple, single["batches"][2 * s] + single["batches"][2 * s + 1]))
-                    for s in range(len(single["batches"]) // 2)]
-    per_step_two = [sorted(map(tuple, ranks[0]["batches"][s] + ranks[1]["batches"][s]))
-                    for s in range(len(ranks[0]["batches"]))]
+    per_step_two, per_step_one = global_batches(ranks, single)
     assert per_step_two == per_step_one and len(per_step_one) == 4
     diffs = {"reference": max(abs(x - y) for r in ranks for a, b in zip(r["reference"], single["reference"])
                               for x, y in zip(a, b)),

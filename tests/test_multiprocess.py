@@ -58,6 +58,28 @@ def max_metric_diff(a: list[dict], b: list[dict]) -> float:
                if isinstance(x[k], (int, float)))
 
 
+def launch_side_by_side(two: Path, one: Path, launcher: list[str]) -> None:
+    """Run the worker on ``two/plan.json`` under ``launcher`` (2 processes) and on ``one/plan.json`` in one plain
+    process, at the same time; each must exit 0."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "NCA_KIT_SMOKE": "1"}
+    launches = [subprocess.Popen([*command, "tests/multiprocess_worker.py", str(folder / "plan.json")],
+                                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for folder, command in ((two, launcher), (one, [sys.executable]))]
+    for launch in launches:
+        output, _ = launch.communicate(timeout=600)
+        assert launch.returncode == 0, output[-3000:]
+
+
+def global_batches(ranks: list[dict], single: dict) -> tuple[list, list]:
+    """The prompts of each optimizer step: the 2 processes' batches of a step, and one process's 2 micro-batches."""
+    per_step_two = [sorted(map(tuple, ranks[0]["batches"][s] + ranks[1]["batches"][s]))
+                    for s in range(len(ranks[0]["batches"]))]
+    per_step_one = [sorted(map(tuple, single["batches"][2 * s] + single["batches"][2 * s + 1]))
+                    for s in range(len(single["batches"]) // 2)]
+    return per_step_two, per_step_one
+
+
 def max_adapter_diff(a: Path, b: Path) -> float:
     wa, wb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
     assert set(wa) == set(wb)
@@ -70,25 +92,15 @@ def test_two_processes_train_like_one(tmp_path):
     for folder, is_two in ((two, True), (one, False)):
         folder.mkdir()
         (folder / "plan.json").write_text(json.dumps(plan(folder, is_two)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "NCA_KIT_SMOKE": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    launches = [subprocess.Popen([*launcher, "tests/multiprocess_worker.py", str(folder / "plan.json")],
-                                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for folder, launcher in ((two, torchrun), (one, [sys.executable]))]  # side by side
-    for launch in launches:
-        output, _ = launch.communicate(timeout=600)
-        assert launch.returncode == 0, output[-3000:]
+    launch_side_by_side(two, one, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   "--nproc_per_node", "2"])
 
     diffs = {}
     for name, kind_k in (("reward", {3, 4}), ("pairwise", {2})):
         ranks, single = records(two / name), records(one / name)[0]
         assert [r["world"] for r in ranks] == [2, 2] and single["world"] == 1
         # the same global batch: one process's 2 micro-batches of a step = the 2 processes' batches of that step
-        per_step_one = [sorted(map(tuple, single["batches"][2 * s] + single["batches"][2 * s + 1]))
-                        for s in range(len(single["batches"]) // 2)]
-        per_step_two = [sorted(map(tuple, ranks[0]["batches"][s] + ranks[1]["batches"][s]))
-                        for s in range(len(ranks[0]["batches"]))]
+        per_step_two, per_step_one = global_batches(ranks, single)
         assert per_step_two == per_step_one
         assert {k for _, k in sum(per_step_two, [])} == kind_k  # every prompt with all its responses, on one process
         for rank in ranks:
