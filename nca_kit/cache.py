@@ -101,13 +101,14 @@ class Cache:
         if self.shipped is not None and self.shipped.resolve() == self.directory.resolve():
             self.shipped = None
 
-    def _found(self, tag: str, settings: Any, ext: str) -> Path:
-        """The entry to read: the folder's own if complete, else a complete shipped one, else the folder's path."""
+    def _found(self, tag: str, settings: Any, ext: str) -> Path | None:
+        """The complete entry to read: the folder's own, else a shipped one, else ``None``."""
         own = self.path(tag, settings, ext)
-        if self._check(own, settings) or self.shipped is None:
+        if self._check(own, settings):
             return own
-        shipped = self.shipped / own.name
-        return shipped if self._check(shipped, settings) else own
+        if self.shipped is not None and self._check(self.shipped / own.name, settings):
+            return self.shipped / own.name
+        return None
 
     def path(self, tag: str, settings: Any, ext: str) -> Path:
         """Where the entry for ``(tag, settings)`` lives (it may not exist yet)."""
@@ -158,7 +159,7 @@ class Cache:
     def has(self, tag: str, settings: Any, ext: str) -> bool:
         """Whether a complete entry with the right content exists (raises if one exists for different settings
         under the same key)."""
-        return self._check(self._found(tag, settings, ext), settings)
+        return self._found(tag, settings, ext) is not None
 
     def json(self, tag: str, settings: Any, compute: Callable[[], Any],
              validate: Callable[[Any], str | None] | None = None) -> Any:
@@ -166,7 +167,7 @@ class Cache:
         ``validate(value)`` returns why a value is not what the caller expects (``None`` when it is): a cached
         value it rejects is recomputed with a warning; a computed one it rejects is an error."""
         path = self._found(tag, settings, "json")
-        if self._check(path, settings):
+        if path is not None:
             value = json.loads(path.read_text())
             problem = validate(value) if validate is not None else None
             if problem is None:
@@ -187,7 +188,7 @@ class Cache:
         """The verified array of ``(tag, settings)``, or ``None`` when absent or not right (content digest, parse,
         ``shape`` with ``None`` for any size, ``dtype``): then a warning names the file."""
         path = self._found(tag, settings, "npy")
-        if not self._check(path, settings):
+        if path is None:
             return None
         try:
             value = np.load(path, allow_pickle=False)
