@@ -682,7 +682,7 @@ def save_random_model(shape: ModelShape, folder, *, seed: int = 0, dtype: str = 
     import torch
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    from nca_kit.models import _quiet_loading, tiny_tokenizer
+    from nca_kit.models import save_model_folder, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     config = MistralConfig(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
@@ -696,9 +696,7 @@ def save_random_model(shape: ModelShape, folder, *, seed: int = 0, dtype: str = 
     with torch.random.fork_rng(devices=[]), torch.device(device):  # a GPU initialises a 7B model in seconds
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    with _quiet_loading():
-        model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_model_folder(model, tokenizer, folder)  # written by every process (save_pretrained: rank 0 only)
     del model
     return folder
 

@@ -44,9 +44,8 @@ __all__ = ["SCALES", "REPO", "MISTRAL_7B_SHAPE", "PAPER_SHAPE_MODEL", "PAPER_SHA
 REPO = Path(__file__).resolve().parents[1]
 
 #: Mistral-7B's widths (the ``config.json`` of ``HuggingFaceH4/mistral-7b-sft-beta``, a Mistral-7B-v0.1 finetune).
-MISTRAL_7B_SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                        vocab_size=32000, num_hidden_layers=32, max_position_embeddings=32768, rms_norm_eps=1e-5,
-                        rope_theta=10000.0, sliding_window=4096, tie_word_embeddings=False)
+#: Mistral-7B's shape (the planner's named shape, written down from its config.json): the widths of ``paper_shape``.
+MISTRAL_7B_SHAPE = "mistral-7b-sft-beta"
 #: The model name of the ``paper_shape`` scale, built by :func:`paper_shape_model` (not a hub id).
 PAPER_SHAPE_MODEL = "mistral-7b-shape"
 #: What ``paper_shape`` reduces, against the paper's size; everything else is the paper's recipe unchanged.
@@ -125,22 +124,11 @@ def paper_shape_model(layers: int = 2) -> Path:
     import shutil
     import tempfile
 
-    import torch
-    from transformers import AutoModelForCausalLM, MistralConfig
+    from nca_kit.plan import model_shape, save_random_model
 
-    from nca_kit.models import save_model_folder, tiny_tokenizer
-
-    tokenizer = tiny_tokenizer()
-    config = MistralConfig(**{**MISTRAL_7B_SHAPE, "num_hidden_layers": layers},
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           pad_token_id=tokenizer.pad_token_id)
     folder = Path(tempfile.mkdtemp(prefix=f"nca-kit-mistral-7b-shape-{layers}l-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    save_model_folder(model, tokenizer, folder)
-    return folder
+    return save_random_model(model_shape(MISTRAL_7B_SHAPE).with_layers(layers), folder)
 
 
 def model_source(scale: str, override: str = "", *, reasoning: bool = False) -> str:
