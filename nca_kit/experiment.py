@@ -54,12 +54,7 @@ from nca_kit import eval as ev
 from nca_kit.cache import default_cache_dir
 from nca_kit.generate import GenerationSettings, load_or_generate
 from nca_kit.losses import loss_spec
-from nca_kit.rewards.sources import (  # noqa: F401  (FITTED_SOURCES, rubric_rewards: kept importable here, notebook 12
-    FITTED_SOURCES,  #                    imports rubric_rewards from this module)
-    REWARD_SOURCES,
-    SourceSettings,
-    rubric_rewards,
-)
+from nca_kit.rewards.sources import REWARD_SOURCES, SourceSettings, rubric_rewards
 
 __all__ = [
     "METHODS",
@@ -74,7 +69,6 @@ __all__ = [
     "flat_row",
     "load_records",
     "EVAL_METRICS",
-    "FITTED_SOURCES",
     "check_scored",
     "reward_quality",
 ]

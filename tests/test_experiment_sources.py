@@ -10,7 +10,7 @@ import pytest
 
 from nca_kit import experiment as xp
 from nca_kit.experiment import Experiment, ExperimentSpec, check_scored, method_dataset, reward_quality
-from nca_kit.rewards import embedding
+from nca_kit.rewards import embedding, heads
 from nca_kit.rewards import sources as src
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,7 +116,7 @@ def test_an_unknown_source_is_refused_by_the_spec():
 
 def test_an_unfitted_reward_model_is_refused_before_embedding(train, monkeypatch):
     monkeypatch.setattr(embedding, "embed", lambda *a, **k: pytest.fail("embedded for an unfitted head"))
-    unfitted = embedding.EmbeddingRewardModel(embedding.make_head("bt_mlp"), name="minilm_bt_mlp")
+    unfitted = embedding.EmbeddingRewardModel(heads.make_head("bt_mlp"), name="minilm_bt_mlp")
     with pytest.raises(ValueError, match=r"^reward model minilm_bt_mlp is not fitted") as info:
         embedding.learned_rewards(unfitted, train.select(range(2)))
     assert "\n" not in str(info.value)

@@ -36,15 +36,8 @@ import numpy as np
 import torch
 
 from nca_kit.cache import Cache
-from nca_kit.rewards.annotate import (  # noqa: F401  (expected_error_rate, split_by_prompt, synthetic_world: kept
-    annotate,  #                                 importable here for notebook 10, which reads them as E.<name>)
-    check_rewards,
-    expected_error_rate,
-    split_by_prompt,
-    synthetic_world,
-)
-from nca_kit.rewards.heads import HEADS, bt_loss, clf_loss, make_head  # noqa: F401  (losses: notebook 10)
-from nca_kit.rewards.metrics import METRIC_NAMES, order_consistency, pairwise_accuracy  # noqa: F401  (notebook 10)
+from nca_kit.rewards.annotate import annotate, check_rewards
+from nca_kit.rewards.heads import HEADS, make_head
 
 __all__ = [
     "SOURCE_HEADS",
@@ -388,17 +381,3 @@ def learned_reward_dataset(dataset, source: str = "embedding_bt", **fit_kwargs):
         raise ValueError(f"source must be one of {', '.join([*SOURCE_HEADS, *HEADS])}, got {source!r}")
     model = fit_reward_model(dataset, head, **fit_kwargs)
     return with_rewards(dataset, learned_rewards(model, dataset), keep_as="source_rewards", name=model.name)
-
-
-# Kept for the notebooks (10 reads these as ``E.<name>``): names that moved to the studies and the figures, resolved
-# on first use so that this module does not import the modules built on it.
-_MOVED = {"run_study": "nca_kit.rewards.studies", "study_table": "nca_kit.rewards.studies",
-          "plot_study": "nca_kit.plots"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -73,11 +73,7 @@ import torch
 from nca_kit import packing
 from nca_kit.cache import Cache
 from nca_kit.logps import tokenize_reward_record
-from nca_kit.rewards.followup_texts import (  # noqa: F401  (the sets and load_followups: kept importable here)
-    ARITHMETIC_FOLLOWUPS,
-    CATEGORIES,
-    HELPFULNESS_FOLLOWUPS,
-    POLARITIES,
+from nca_kit.rewards.followup_texts import (
     FollowupTokens,
     check_inputs,
     conversation_prefix,
@@ -88,6 +84,7 @@ from nca_kit.rewards.followup_texts import (  # noqa: F401  (the sets and load_f
 
 __all__ = [
     "VARIANTS",
+    "shared_header",
     "prefix_shared_logps",
     "FLRScores",
     "flr_scores",
@@ -327,7 +324,7 @@ def _eval_mode(model):
     return was_training
 
 
-def _shared_header(tokens: list[FollowupTokens]) -> int:
+def shared_header(tokens: list[FollowupTokens]) -> int:
     """Length of the turn header every follow-up starts with (``<|im_start|>user\n`` in ChatML): it joins the prefix,
     so it is encoded once per response. It stops before the first token any score reads."""
     limit = min(min(f.span[0] for f in tokens), min(f.literal_position for f in tokens))
@@ -346,7 +343,7 @@ def _flr_block(model, tokenizer, messages, responses, tokens: list[FollowupToken
     after the last token whose successor is scored (causal attention: later tokens change nothing before them).
     """
     n_f = len(tokens)
-    common = _shared_header(tokens)
+    common = shared_header(tokens)
     header = list(tokens[0].ids[:common])
     # inputs of follow-up f: its turn from the header on, up to the last state a score reads (at least one token)
     inputs = [list(f.ids[common:max(f.span[1] - 1, f.code_position, f.literal_position, common + 1)])
@@ -588,22 +585,3 @@ def score_rows(dataset, scorer: str, model, tokenizer, **kwargs) -> list[list[fl
         rows.append([float(x) for x in flat[at:at + len(rs)]])
         at += len(rs)
     return rows
-
-
-# Kept for notebook 11, which reads the tokens of a follow-up turn under their former private names.
-_followup_tokens, _conversation_prefix = followup_tokens, conversation_prefix
-
-# Kept for the notebooks (11 reads these as ``flr.<name>``): names that moved to the studies and the figures,
-# resolved on first use so that this module does not import the modules built on it.
-_MOVED = {"hh_pairs": "nca_kit.rewards.studies", "PairEvaluation": "nca_kit.rewards.studies",
-          "evaluate_pairs": "nca_kit.rewards.studies", "evaluate_k_responses": "nca_kit.rewards.studies",
-          "plot_pair_accuracy": "nca_kit.plots", "plot_score_distributions": "nca_kit.plots",
-          "arithmetic_reward_dataset": "nca_kit.rewards.sources"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
