@@ -13,8 +13,7 @@ on 2 cores, so it is marked ``browser`` and runs only when asked for::
 
     NCA_KIT_SMOKE=1 python -m pytest tests/test_browser.py -m browser
 
-Measured once at load average ~20 on 2 shared cores: lecture 01 passes (all cells, figures, a slider moved and its
-figure redrawn); lecture 02 did not finish its cells within ``RUN_TIMEOUT_S`` (600 s) there, cause not established.
+CI (``.ci/run``) installs Chromium and runs it after ``make test NOTEBOOKS=full``.
 """
 
 from __future__ import annotations
