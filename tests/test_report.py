@@ -65,3 +65,21 @@ def test_horizon_page_slopes_and_verdicts(tmp_path):
     assert "| InfoNCA α=0.01 | 2 |" in text  # the partial seed is listed but not in the verdict
     assert "α = 0.01: +15.0" in text  # NCA - InfoNCA paired over the two seeds both finished
     assert (tmp_path / "horizon_likelihood.png").exists() and (tmp_path / "horizon_accuracy.png").exists()
+
+
+def test_flr_block_recomputes_accuracies_and_paired_differences_from_the_stored_rewards(tmp_path):
+    """Direct wins 3 of 4 pairs, FLR (paper) 1 of 4: the block must say 0.750 / 0.250 and a negative difference."""
+    direct = [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0]  # chosen at even rows
+    flr = [0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    record = {"command": "python scripts/flr_eval.py --pairs 4", "model": "tiny", "wall_seconds": 60.0,
+              "hh": {"n_pairs": 4, "seed": 0,
+                     "rewards": {"Direct | -": direct, "FLR (paper) | all": flr, "FLR (paper) | relevance": direct,
+                                 "FLR (paper) | correctness": flr},
+                     "disagreement": {"pairs_ordered_differently": 0.5, "spearman_rewards": 0.1,
+                                      "spearman_margins": -0.2}}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(record))
+    text = report.flr_block(path)
+    assert "| Direct | 0.750 [" in text and "| FLR (paper) | 0.250 [" in text
+    assert "| relevance 0.750 | -0.500 [" in text
+    assert "relevance 0.750, correctness 0.250" in text.replace(" / ", "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -144,6 +145,18 @@ def test_run_study_returns_one_row_per_run():
     assert {"accuracy", "order_consistency", "spearman", "spearman_per_prompt", "bon_picked", "bon_gain",
             "label_error"} <= set(df.columns)
     assert df[df.noise == 0.0].label_error.max() == 0.0
+
+
+def test_run_study_is_the_same_with_two_worker_processes():
+    """Each fit is seeded by its own job and single-threaded: the frame does not depend on how many processes ran it."""
+    emb, rewards, groups = annotators.synthetic_world(60, 4, 6, seed=1)
+    kwargs = dict(heads=["bt_mlp", "clf_lgbm"], noise_levels=[0.0, 0.3], seeds=[0, 1], n_annotations=200,
+                  head_settings={"bt_mlp": {"max_epochs": 3, **SMALL_MLP}})
+    one = studies.run_study(emb, rewards, groups, **kwargs)
+    two = studies.run_study(emb, rewards, groups, workers=2, **kwargs)
+    pd.testing.assert_frame_equal(one, two)
+    with pytest.raises(ValueError, match="workers"):
+        studies.run_study(emb, rewards, groups, workers=0, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------------

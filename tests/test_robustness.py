@@ -115,6 +115,21 @@ def test_run_grid_reads_finished_cells_back_instead_of_rerunning(tmp_path, monke
         robustness.run_grid(other, tmp_path, progress=False)
 
 
+@pytest.mark.slow
+def test_run_grid_trains_cells_in_two_processes(tmp_path):
+    """Real tiny runs, two at a time: every record comes back in the order of the specs, with its own folder."""
+    base = ExperimentSpec(model="tiny-llama", data_model="smollm2-135m-instruct", steps=2, batch=2, lr=1e-3, n_eval=4)
+    specs = robustness.grid_specs(robustness.plan([0.01, 1.0], [0.1], [0], methods=["nca"], beta_methods=["dpo"]),
+                                  base)
+    records = robustness.run_grid(specs, tmp_path, progress=False, workers=2)
+    assert [(r["method"], r["alpha"], r["beta"]) for r in records] == [(s.method, s.alpha, s.beta) for s in specs]
+    assert all(robustness.results_path(tmp_path, s).exists() for s in specs)
+    assert all(len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"]) for r in records)
+    assert robustness.run_grid(specs, tmp_path, progress=False, workers=2) == records  # read back, nothing rerun
+    with pytest.raises(ValueError, match="workers"):
+        robustness.run_grid(specs, tmp_path, workers=0)
+
+
 def test_grid_resumes_a_half_finished_alpha_beta_grid(tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(grid, "run_experiment", fake_run(calls))
