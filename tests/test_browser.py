@@ -197,15 +197,18 @@ def test_lecture_runs_in_jupyterlab(lab, browser, name, tmp_path):
         assert page.locator(".jp-OutputArea-output >> text=Error displaying widget").count() == 0
         sliders = page.locator(".jupyter-widgets.widget-slider")
         assert sliders.count() >= 2, f"{name}: the live controls did not render"
-        cell = page.locator(".jp-CodeCell", has=page.locator(".jupyter-widgets.widget-slider")).first
+        # The first *visible* cell with sliders: JupyterLab can keep a hidden copy of a cell's old output nodes.
+        cell = page.locator(".jp-CodeCell:visible", has=page.locator(".jupyter-widgets.widget-slider:visible")).first
+        cell.scroll_into_view_if_needed()
         before = cell.locator(".jp-OutputArea-output img").first.get_attribute("src")
         handle = cell.locator(".noUi-handle, .slider-container input, .ui-slider-handle").first
         handle.focus()
         page.keyboard.press("End")
         page.wait_for_function(
             """([cellIndex, before]) => {
+                const visible = e => e && e.getClientRects().length > 0;
                 const cell = [...document.querySelectorAll('.jp-CodeCell')]
-                    .filter(c => c.querySelector('.jupyter-widgets.widget-slider'))[cellIndex];
+                    .filter(c => visible(c) && visible(c.querySelector('.jupyter-widgets.widget-slider')))[cellIndex];
                 const img = cell && cell.querySelector('.jp-OutputArea-output img');
                 return img && img.src !== before && img.naturalWidth > 0;
             }""", arg=[0, before], timeout=120_000, polling=500)
