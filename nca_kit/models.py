@@ -145,7 +145,7 @@ def _smollm2_float32():
 
     The GGUF de-quantisation takes ~40 s on two cores (most of it parsing the file's 49k-entry vocabulary in Python),
     so the first load also writes the result as an ordinary model folder into the kit's cache
-    (:func:`smollm2_safetensors_dir`; ~540 MB, never committed) and later processes read that folder in ~2 s. The
+    (:func:`smollm2_safetensors_dir`; ~540 MB, never committed) and later processes read that folder in ~6 s. The
     copy holds the same float32 tensors, tokenizer, chat template and generation settings (``tests/test_models.py``
     checks logits and token ids against the GGUF). ``NCA_KIT_SMOLLM2_COPY=0`` reads the GGUF every time and writes
     nothing; a cache folder that cannot be written is skipped with a warning.

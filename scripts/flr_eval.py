@@ -8,8 +8,9 @@
    the arithmetic correctness follow-ups (every variant) and Direct. Runs first (it has a fixed size).
 
 HH pairs are added 16 at a time (a fixed seeded order) until ``--minutes`` have passed since the start or ``--pairs``
-are scored. Writes ``results.json`` (the tables, the paired comparisons and every HH response's reward, from which
-``python -m nca_kit.report`` rebuilds the FLR tables of ``docs/results_rewards.md``), ``hh_table.csv`` and
+are scored. Writes ``results.json`` (the tables and every HH response's reward, from which
+``python -m nca_kit.report`` rebuilds the FLR tables of ``docs/results_rewards.md`` with the paired
+comparisons), ``hh_table.csv`` and
 ``arith_table.csv`` into ``--out``, and the figures ``rewards_flr_hh_accuracy.png``, ``rewards_flr_hh_distributions.png``
 and ``rewards_flr_arith.png`` into ``--figures``.
 Scores are cached in ``--cache`` block by block: an interrupted run resumes where it stopped, a rerun is instant.
@@ -40,7 +41,6 @@ def main(argv=None) -> int:
     from nca_kit import plots
     from nca_kit.models import load_model
     from nca_kit.rewards import studies
-    from nca_kit.rewards.followup import VARIANTS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="nca_kit.models.load_model name")
@@ -85,7 +85,6 @@ def main(argv=None) -> int:
         table.to_csv(args.out / "hh_table.csv", index=False)
         results["hh"] = {"n_pairs": evaluation.n, "seed": args.seed, "table": table.to_dict("records"),
                          "disagreement": evaluation.disagreement(),
-                         "versus_direct": {v: evaluation.versus_direct(v) for v in VARIANTS},
                          # per response, chosen at even rows: what python -m nca_kit.report recomputes the tables from
                          "rewards": {f"{s} | {c}": [round(float(x), 6) for x in r]
                                      for (s, c), r in evaluation.scorers().items()}}
