@@ -52,7 +52,9 @@ def execute(notebook: str, through: int | None = None, **parameters) -> dict:
 
 @pytest.fixture
 def in_process(notebook_env, monkeypatch):
-    """Smoke mode, figures into a temporary folder, a non-interactive backend, and torch's thread count restored."""
+    """Smoke mode (also under ``NOTEBOOKS=full``: these cases check settings, the full sizes are nbval's job), figures
+    into a temporary folder, a non-interactive backend, and torch's thread count restored."""
+    monkeypatch.setenv("NCA_KIT_SMOKE", "1")
     monkeypatch.chdir(NOTEBOOK_DIR)
     backend, threads = matplotlib.get_backend(), torch.get_num_threads()
     matplotlib.use("Agg")
