@@ -1,5 +1,6 @@
 """The QLoRA training step at the Mistral-7B shape on one GPU: measured peak memory vs the planner, steps per second,
-host synchronisations per step, and the packed layout with flash attention when it is installed.
+host synchronisations per step, the packed layout with flash attention when it is installed, and (first) every
+forward layout under sdpa and flex attention against the padded eager forward (log-probs and LoRA gradients).
 
 Random weights at Mistral-7B's widths (hidden 4096, intermediate 14336, 32 / 8 heads, vocabulary 32000; all 32
 layers unless ``--layers`` says fewer) are saved to a temporary folder and loaded the way a run loads them
@@ -110,6 +111,11 @@ def check(args) -> dict:
         (out / "gpu_check.json").write_text(json.dumps(record, indent=1) + "\n")
 
     started = time.perf_counter()
+    if args.layout_check:
+        t0 = time.perf_counter()
+        record["layout_equality"] = layout_equality(device, args.layout_attention)
+        record["layout_equality_s"] = round(time.perf_counter() - t0, 1)
+        write()
     folder = Path(tempfile.mkdtemp(prefix="nca-kit-gpu-check-", dir=args.tmp))
     try:
         t0 = time.perf_counter()
@@ -180,6 +186,63 @@ def check(args) -> dict:
     return record
 
 
+def layout_equality(device, attentions=("sdpa", "flex_attention")) -> list[dict]:
+    """Each forward layout under each attention implementation against the padded eager forward, on a small fp32 model
+    with perturbed LoRA adapters: largest log-prob and LoRA-gradient differences (the tests' 1e-5 criterion on CPU,
+    where flex attention has no backward; here it gets its gradient check on a GPU)."""
+    import torch
+    from peft import get_peft_model
+
+    from nca_kit.logps import RewardCollator, sequence_logps
+    from nca_kit.models import LoraSettings, tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model("mistral", vocab_size=384, hidden_size=128)
+    model = get_peft_model(model, LoraSettings(lora_dropout=0.0).to_peft()).to(device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(1)
+
+    def ids(n):
+        return torch.randint(4, 384, (n,), generator=g).tolist()
+
+    records = [{"prompt_input_ids": ids(p), "response_input_ids": [ids(r) for r in rs], "rewards": list(range(len(rs)))}
+               for p, rs in [(40, (12, 30, 5)), (9, (50, 7)), (25, (3, 18, 18, 40))]]
+    batch = {k: v.to(device) for k, v in RewardCollator(0)(records).items()}
+    mask = batch["response_mask"]
+
+    def run(attention, layout, grad):
+        model.get_base_model().config._attn_implementation = attention
+        model.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(grad):
+            logps = sequence_logps(model, batch, forward=layout)
+            if grad:
+                (logps[mask] * torch.linspace(0.5, 1.5, int(mask.sum()), device=device)).sum().backward()
+        grads = [p.grad.detach().clone() for n, p in model.named_parameters() if "lora_" in n] if grad else None
+        return logps.detach(), grads
+
+    results = []
+    ref_logps, ref_grads = run("eager", "padded", True)
+    flex_backward = torch.device(device).type != "cpu"
+    for attention in attentions:
+        for layout in ("padded", "packed", "tree", "shared_prompt"):
+            entry = {"attention": attention, "layout": layout}
+            grad = attention != "flex_attention" or flex_backward
+            try:
+                logps, grads = run(attention, layout, grad)
+                entry["max_logp_diff"] = float((logps - ref_logps)[mask].abs().max())
+                if grads is not None:
+                    entry["max_grad_diff"] = max(float((a - b).abs().max()) for a, b in zip(grads, ref_grads))
+                else:
+                    entry["grad"] = "not checked: flex attention has no backward on CPU"
+            except Exception as error:  # recorded, not fatal: the remaining checks still run
+                entry["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            results.append(entry)
+    return results
+
+
 def run_setting(model, batch, optimizer, *, steps: int, cuda: bool, forward: str) -> dict:
     """Warm-up step, then ``steps`` timed steps; peak memory of the warm-up and timed steps together."""
     import torch
@@ -238,6 +301,11 @@ def main(argv=None) -> int:
                         help="on CPU only (a GPU always runs bf16 autocast)")
     parser.add_argument("--time-budget", type=float, default=420, help="seconds; later settings are skipped")
     parser.add_argument("--tmp", default=None, help="folder for the random model (needs ~15 GB at 32 layers)")
+    parser.add_argument("--layout-check", action=argparse.BooleanOptionalAction, default=True,
+                        help="first: every layout under sdpa and flex attention against the padded eager forward "
+                             "(log-probs and LoRA gradients, small fp32 model)")
+    parser.add_argument("--layout-attention", nargs="+", choices=("sdpa", "flex_attention", "eager"),
+                        default=["sdpa", "flex_attention"], help="attention implementations the layout check runs")
     parser.add_argument("--dry-run", action="store_true",
                         help="the same code path on CPU at a tiny shape: --device cpu --shape tiny --layers 1 "
                              "--k 2 --length 48 --prompt-length 8 --batches 1 --steps 1 --checkpointing on off")
@@ -249,7 +317,7 @@ def main(argv=None) -> int:
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     record = check(args)
-    print(json.dumps({"device": record["device"], "settings": [
+    print(json.dumps({"device": record["device"], "layout_equality": record.get("layout_equality"), "settings": [
         {key: entry.get(key) for key in ("gradient_checkpointing", "per_device_batch_size", "layout", "step_s",
                                          "peak_allocated", "activations_measured", "syncs_per_step", "skipped",
                                          "error")} | {"predicted_peak": entry.get("predicted", {}).get("peak")}

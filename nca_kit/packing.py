@@ -21,15 +21,22 @@ that of the independent forward. The same two steps (:func:`encode_prefixes`, :f
 many follow-ups of one shared conversation.
 
 **auto** (:func:`choose_layout`): per batch, the cheapest of padded, packed and tree by a count of floating-point
-operations (linear layers per token, attention per query-key pair, from the model's config; the eager/sdpa kernels
-compute every pair of a row, masked or not). ``bench/bench_layouts.py`` measures how well it picks.
+operations (linear layers per token, attention per query-key pair, from the model's config). What a pair costs
+depends on the kernel (:func:`sparse_attention`): the eager/sdpa kernels compute every pair of a row, masked or not;
+flash-attention and flex attention about the allowed causal pairs only. ``bench/bench_layouts.py`` measures how well
+it picks on this CPU (dense kernels); the sparse-kernel model is untested against a GPU until one runs
+``bench/gpu_check.py``.
 
 **tree** (:func:`tree_states`): one row per prefix, holding the prefix followed by all of its continuations, with
 position ids that restart at the prefix length for each continuation and a 4D attention mask that lets a continuation
 token see the prefix and the earlier tokens of its own continuation only. One forward, no key/value copies, no
 padding between continuations: what the FLR scorer uses for its many short follow-ups of one long conversation
-(``bench/bench_flr.py`` measures it against the cache expansion and the naive path). A custom 4D mask is honoured by
-the eager and sdpa attention implementations; flash-attention and flex attention need the cache layout.
+(``bench/bench_flr.py`` measures it against the cache expansion and the naive path). Eager and sdpa take the mask as a
+dense additive ``(B, 1, L, L)`` tensor (sdpa then runs its math kernel, O(L^2) memory); flex attention takes it as a
+``BlockMask`` built from a mask function (only blocks with an allowed pair are computed, nothing dense is held);
+flash-attention cannot express it and uses the cache layout instead. The packed layout needs no mask of its own under
+any of them: ``transformers`` turns the restarting positions into a block-diagonal ``BlockMask`` for flex attention,
+``cu_seq_lens`` for flash-attention and a dense block-diagonal mask for eager/sdpa.
 
 The cache used for that (:class:`PrefixCache`) never grows during a forward: it hands each layer ``prefix + new``
 keys/values without storing them (or, while encoding, keeps only the latest ones). So when gradient checkpointing
@@ -63,6 +70,7 @@ __all__ = [
     "shared_prompt_states",
     "TREE_ATTENTION",
     "tree_supported",
+    "sparse_attention",
     "tree_states",
     "tree_prompt_states",
     "layout_flops",
@@ -323,7 +331,9 @@ def shared_prompt_states(model, input_ids: torch.Tensor, attention_mask: torch.T
 # Tree: a prefix and all its continuations in one row
 # --------------------------------------------------------------------------------------------------------------------
 
-TREE_ATTENTION = ("eager", "sdpa")  # attention implementations that take a custom additive 4D mask as it is
+# Attention implementations that take the tree layout's mask: eager and sdpa a dense additive (B, 1, L, L) mask,
+# flex attention a BlockMask (only the blocks holding an allowed query-key pair are computed).
+TREE_ATTENTION = ("eager", "sdpa", "flex_attention")
 
 
 def _attention_implementation(model) -> str | None:
@@ -331,8 +341,37 @@ def _attention_implementation(model) -> str | None:
 
 
 def tree_supported(model) -> bool:
-    """Whether the model's attention implementation takes the tree layout's custom 4D mask (eager, sdpa)."""
+    """Whether the model's attention implementation takes the tree layout's mask (eager and sdpa a dense 4D mask,
+    flex attention a block mask)."""
     return _attention_implementation(model) in TREE_ATTENTION
+
+
+def sparse_attention(implementation: str | None) -> bool:
+    """Whether an attention implementation skips masked query-key pairs rather than computing every pair of a row.
+
+    Flash-attention (variable-length sequences from ``cu_seq_lens``, padding removed) and flex attention (block
+    masks: a block of 128 x 128 pairs with nothing allowed is skipped) compute about the allowed causal pairs; eager
+    and sdpa with a mask compute the full ``width^2`` of every row (sdpa's flash and memory-efficient kernels take no
+    arbitrary mask). Unknown implementations count as dense.
+    """
+    name = (implementation or "").lower()
+    return name == "flex_attention" or "flash" in name
+
+
+def _tree_block_mask(segments: torch.Tensor):
+    """The tree layout's mask as a flex-attention ``BlockMask`` (``(B, 1, L, L)``, never materialised densely).
+
+    ``segments (B, L)``: -1 padding, 0 the prefix, ``j`` continuation ``j``. Query ``q`` sees key ``k <= q`` when ``k``
+    is real and lies in the prefix or in ``q``'s own continuation; every query sees itself (no empty softmax row).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def allowed(b, h, q, k):
+        seg_q, seg_k = segments[b, q], segments[b, k]
+        return ((k <= q) & (seg_k >= 0) & ((seg_k == seg_q) | (seg_k == 0))) | (q == k)
+
+    rows, width = segments.shape
+    return create_block_mask(allowed, rows, None, width, width, device=segments.device)
 
 
 def tree_states(model, prefixes, continuations) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -377,13 +416,17 @@ def tree_states(model, prefixes, continuations) -> tuple[torch.Tensor, torch.Ten
         seg_t[b, :len(seg)] = torch.tensor(seg)
         pos_t[b, :len(pos)] = torch.tensor(pos)
     ids_t, seg_t, pos_t = ids_t.to(device), seg_t.to(device), pos_t.to(device)
-    column = torch.arange(width, device=device)
-    causal = column[None, :] <= column[:, None]  # (L, L): key <= query
-    seg_q, seg_k = seg_t[:, :, None], seg_t[:, None, :]  # (B, L, 1), (B, 1, L)
-    allowed = causal & (seg_k >= 0) & ((seg_k == seg_q) | (seg_k == 0))  # (B, L, L)
-    allowed |= torch.eye(width, dtype=torch.bool, device=device)  # a padding query sees itself: no empty softmax row
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    _, hidden = final_states(model, input_ids=ids_t, attention_mask=mask[:, None], position_ids=pos_t,
+    if _attention_implementation(model) == "flex_attention":
+        mask = _tree_block_mask(seg_t)  # BlockMask (B, 1, L, L)
+    else:
+        column = torch.arange(width, device=device)
+        causal = column[None, :] <= column[:, None]  # (L, L): key <= query
+        seg_q, seg_k = seg_t[:, :, None], seg_t[:, None, :]  # (B, L, 1), (B, 1, L)
+        allowed = causal & (seg_k >= 0) & ((seg_k == seg_q) | (seg_k == 0))  # (B, L, L)
+        allowed |= torch.eye(width, dtype=torch.bool, device=device)  # a padding query sees itself
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        mask = mask[:, None]  # (B, 1, L, L) additive
+    _, hidden = final_states(model, input_ids=ids_t, attention_mask=mask, position_ids=pos_t,
                              use_cache=False)  # (B, L, H)
     t_max = max(length for *_, length in starts)
     row = torch.tensor([s[0] for s in starts], device=device)  # (N,)
@@ -449,31 +492,44 @@ def layout_flops(model, attention_mask: torch.Tensor, loss_mask: torch.Tensor, o
 
     ``padded``: ``N`` rows of ``T``; ``packed``: the rows :func:`pack_sequences` makes, as wide as the longest
     sequence; ``tree``: one row per prompt (``P + sum of its responses``), padded to the widest. Each row costs its
-    tokens times the per-token rate plus its width squared times the per-pair rate (dense masked attention).
-    The tree layout is left out when the attention implementation cannot take its mask.
+    tokens times the per-token rate (linear layers see padding too) plus its attention pairs times the per-pair rate.
+    The pairs depend on the attention kernel (:func:`sparse_attention`): a dense kernel (eager, sdpa with a mask)
+    computes ``width^2`` per row whatever the mask; a sparse one (flash-attention, flex attention) about the allowed
+    causal pairs: ``len (len + 1) / 2`` per sequence, and in a tree the prompt's triangle plus, per response of
+    length ``r``, ``r P + r (r + 1) / 2`` (block granularity ignored). The tree layout is left out when the attention
+    implementation cannot take its mask (flash-attention).
     """
     per_token, per_pair = _flop_rates(model)
-    return _layout_costs(per_token, per_pair, tree_supported(model), attention_mask, loss_mask, owner)
+    return _layout_costs(per_token, per_pair, tree_supported(model), attention_mask, loss_mask, owner,
+                         sparse=sparse_attention(_attention_implementation(model)))
 
 
 def _layout_costs(per_token: float, per_pair: float, tree: bool, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
-                  owner: torch.Tensor) -> dict[str, float]:
+                  owner: torch.Tensor, *, sparse: bool = False) -> dict[str, float]:
     lengths = attention_mask.sum(-1).tolist()  # (N,)
     n, width = attention_mask.shape
 
-    def cost(rows: int, w: int) -> float:
-        return rows * (w * per_token + w * w * per_pair)
+    def triangle(length: int) -> float:
+        return length * (length + 1) / 2
 
-    costs = {"padded": cost(n, width)}
+    def cost(rows: int, w: int, pairs: float) -> float:
+        return rows * w * per_token + (pairs if sparse else rows * w * w) * per_pair
+
+    causal = sum(triangle(length) for length in lengths)  # allowed pairs of the sequences on their own
+    costs = {"padded": cost(n, width, causal)}
     longest = max(lengths)
     rows, _ = pack_sequences(lengths, longest)
-    costs["packed"] = cost(max(rows) + 1, longest)
+    costs["packed"] = cost(max(rows) + 1, longest, causal)
     if tree:
         prompt = loss_mask.int().argmax(-1).tolist()  # (N,)
         per_prompt: dict[int, int] = {}
+        pairs = 0.0
         for b, p, length in zip(owner.tolist(), prompt, lengths):
+            if b not in per_prompt:
+                pairs += triangle(p)
             per_prompt[b] = per_prompt.get(b, p) + length - p
-        costs["tree"] = cost(len(per_prompt), max(per_prompt.values()))
+            pairs += (length - p) * p + triangle(length - p)
+        costs["tree"] = cost(len(per_prompt), max(per_prompt.values()), pairs)
     return costs
 
 
@@ -491,9 +547,10 @@ class LayoutPlanner:
     def __init__(self, model):
         self.per_token, self.per_pair = _flop_rates(model)
         self.tree = tree_supported(model)
+        self.sparse = sparse_attention(_attention_implementation(model))
 
     def __call__(self, batch: dict) -> str:
         owner = batch["owner"] if "owner" in batch else batch["response_mask"].nonzero(as_tuple=True)[0]
         costs = _layout_costs(self.per_token, self.per_pair, self.tree, batch["attention_mask"], batch["loss_mask"],
-                              owner)
+                              owner, sparse=self.sparse)
         return min(costs, key=lambda name: (costs[name], name != "padded"))

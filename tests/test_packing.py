@@ -157,6 +157,69 @@ def test_auto_layout_picks_by_estimated_flops():
     assert "tree" not in layout_flops(model, *long_prompt)
 
 
+def test_sparse_kernels_count_only_the_allowed_pairs():
+    """Under flash/flex attention a pair costs only where the mask allows it; the counts by hand for one batch."""
+    from nca_kit.logps import RewardCollator
+    from nca_kit.packing import _flop_rates, layout_flops, sparse_attention
+
+    assert sparse_attention("flex_attention") and sparse_attention("flash_attention_2")
+    assert not sparse_attention("sdpa") and not sparse_attention("eager") and not sparse_attention(None)
+    model = sharp_model("mistral", "sdpa", lora=False)
+    per_token, per_pair = _flop_rates(model)
+    record = {"prompt_input_ids": list(range(1, 11)), "response_input_ids": [list(range(5, 5 + r)) for r in (6, 2)],
+              "rewards": [0.0, 1.0]}  # sequences of 16 and 12 tokens (collated width 16)
+    b = RewardCollator(0)([record])
+    args = b["attention_mask"], b["loss_mask"].bool(), b["response_mask"].nonzero(as_tuple=True)[0]
+    dense = layout_flops(model, *args)
+    assert dense["padded"] == pytest.approx(2 * 16 * per_token + 2 * 16 ** 2 * per_pair)
+    assert dense["tree"] == pytest.approx(18 * per_token + 18 ** 2 * per_pair)
+    model.config._attn_implementation = "flex_attention"
+    sparse = layout_flops(model, *args)
+    causal = (16 * 17 + 12 * 13) / 2
+    assert sparse["padded"] == pytest.approx(2 * 16 * per_token + causal * per_pair)
+    assert sparse["packed"] == pytest.approx(2 * 16 * per_token + causal * per_pair)  # 16 + 12 > 16: two rows
+    tree_pairs = 10 * 11 / 2 + (6 * 10 + 6 * 7 / 2) + (2 * 10 + 2 * 3 / 2)
+    assert sparse["tree"] == pytest.approx(18 * per_token + tree_pairs * per_pair)
+
+
+def test_auto_layout_under_sparse_kernels():
+    from nca_kit.logps import RewardCollator
+    from nca_kit.packing import LayoutPlanner, choose_layout, layout_flops
+
+    model = sharp_model("mistral", "flex_attention", lora=False)
+    collate = RewardCollator(0)
+    record = {"prompt_input_ids": list(range(1, 41)), "response_input_ids": [list(range(5, 5 + r)) for r in (30, 8)],
+              "rewards": [0.0, 1.0]}
+    b = collate([record] * 2)
+    args = b["attention_mask"], b["loss_mask"].bool(), b["response_mask"].nonzero(as_tuple=True)[0]
+    assert choose_layout(model, *args) == "tree"  # the prompt once, no dense mask to pay for
+    assert LayoutPlanner(model)(b) == "tree"
+    ragged = collate([{"prompt_input_ids": list(range(1, 11)),
+                       "response_input_ids": [list(range(5, 5 + r)) for r in (40, 10, 10)],
+                       "rewards": [0.0, 1.0, 2.0]}] * 2)  # sequences 50, 20, 20: the short ones share a row
+    args = ragged["attention_mask"], ragged["loss_mask"].bool(), ragged["response_mask"].nonzero(as_tuple=True)[0]
+    assert choose_layout(model, *args) == "tree"
+    model.config._attn_implementation = "flash_attention_2"  # sparse but no tree mask: packing removes the padding
+    assert choose_layout(model, *args) == "packed" and "tree" not in layout_flops(model, *args)
+    assert LayoutPlanner(model)(ragged) == "packed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["packed", "tree", "auto"])
+def test_flex_attention_layouts_give_the_padded_logps(layout, batch):
+    """Flex attention (the tree mask as a BlockMask, packed rows from restarting positions) equals the padded eager
+    forward. Forward only: flex attention has no backward on CPU (gradients are checked by bench/gpu_check.py on a
+    GPU). Head dim 32: on torch 2.13's CPU the compiled flex kernel was measured wrong at head dim 16 and below."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    torch.manual_seed(0)
+    model = tiny_model("mistral", hidden_size=128).eval()
+    with torch.no_grad():
+        padded = sequence_logps(model, batch)
+        model.config._attn_implementation = "flex_attention"
+        other = sequence_logps(model, batch, forward=layout)
+    torch.testing.assert_close(other, padded, atol=1e-5, rtol=0)
+
+
 def test_layout_is_validated(batch):
     model = sharp_model(lora=False)
     with pytest.raises(ValueError, match="forward must be one of"):
