@@ -93,9 +93,10 @@ def kl_to_reference(
     from datasets import Dataset
     from nca_kit.progress import progress as progress_lines
 
-    from nca_kit.logps import RewardCollator, reference_logps, sequence_logps, tokenize_reward_dataset, unwrap_model
+    from nca_kit.logps import (RewardCollator, has_adapters, reference_logps, sequence_logps, tokenize_reward_dataset,
+                               unwrap_model)
 
-    is_peft = hasattr(unwrap_model(model), "disable_adapter")
+    is_peft = has_adapters(model)
     if reference_model is None and not is_peft:
         return [[0.0] * len(r) for r in responses]
     rows = [{"prompt": p, "responses": r, "rewards": [0.0] * len(r)} for p, r in zip(prompts, responses)]

@@ -49,6 +49,9 @@ __all__ = [
     "reference_logps",
     "compute_reference_logps",
     "unwrap_model",
+    "has_adapters",
+    "output_logits",
+    "head_token_logps",
 ]
 
 OVERFLOW_POLICIES = ("error", "skip")
@@ -291,6 +294,12 @@ def unwrap_model(model):
     return model
 
 
+def has_adapters(model) -> bool:
+    """Whether ``model`` (under any DDP wrapper) carries PEFT adapters that can be switched off: then the frozen base
+    with adapters disabled is the reference, and only the adapters are saved."""
+    return hasattr(unwrap_model(model), "disable_adapter")
+
+
 def _output_layer(model):
     inner = unwrap_model(model)
     head = inner.get_output_embeddings()
@@ -309,6 +318,13 @@ def _scale_logits(model, logits: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def output_logits(model, states: torch.Tensor) -> torch.Tensor:
+    """The output layer on selected final hidden states ``(M, H) -> (M, V)`` in float32, with the final-logit transforms
+    some architectures apply (``logit_scale``, ``final_logit_softcapping``); wrappers (DDP) unwrapped. For raw logits
+    (FLR's code variant); log-probs of given tokens come from :func:`head_token_logps`, chunked."""
+    return _scale_logits(model, _output_layer(model)(states).float())
 
 
 def _token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -463,7 +479,7 @@ def _reference_mode(model):
     was_training = inner.training
     inner.eval()
     try:
-        if hasattr(inner, "disable_adapter"):
+        if has_adapters(inner):
             with inner.disable_adapter():
                 yield
         else:

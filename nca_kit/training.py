@@ -60,6 +60,7 @@ from nca_kit.data import load_training_dataset
 from nca_kit.logps import (
     LayoutCollator,
     RewardCollator,
+    has_adapters,
     reference_logps,
     sequence_logps,
     tokenize_reward_dataset,
@@ -202,7 +203,7 @@ class NCATrainer(Trainer):
         """``log mu`` ``(B, K)``: the cached column when the batch has it, else a gradient-free forward pass."""
         if "reference_logps" in inputs:
             return inputs["reference_logps"]
-        if self.reference_model is None and not hasattr(unwrap_model(model), "disable_adapter") \
+        if self.reference_model is None and not has_adapters(model) \
                 and not self._computing_reference:
             raise ValueError("no reference: the batch has no cached reference_logps, the model has no adapters to "
                              "disable, and no reference_model was given (it would be the policy itself)")
@@ -656,12 +657,12 @@ def prepare_model(config: TrainConfig, model=None, tokenizer=None):
                                       compute_dtype=config.compute_dtype)
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with the model")
-    elif lora is not None and not hasattr(unwrap_model(model), "disable_adapter"):
+    elif lora is not None and not has_adapters(model):
         from peft import get_peft_model
 
         model = get_peft_model(model, lora.to_peft())  # adapters are injected into the passed model in place
     reference_model = None
-    if config.reference == "per_step" and not hasattr(unwrap_model(model), "disable_adapter"):
+    if config.reference == "per_step" and not has_adapters(model):
         reference_model = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
     return model, tokenizer, reference_model
 
@@ -727,7 +728,7 @@ def finish_run(config: TrainConfig, trainer: NCATrainer) -> TrainResult:
         metrics=steps,
         final_loss=steps[-1]["loss"] if steps else None,
         n_train_prompts=len(trainer.train_dataset),
-        adapter_dir=output_dir if hasattr(unwrap_model(trainer.model), "disable_adapter") else None,
+        adapter_dir=output_dir if has_adapters(trainer.model) else None,
         figure_path=figure_path,
         steps=int(trainer.state.global_step),
         model=trainer.model,

@@ -72,7 +72,7 @@ import torch
 
 from nca_kit import packing
 from nca_kit.cache import Cache
-from nca_kit.logps import tokenize_reward_record
+from nca_kit.logps import head_token_logps, output_logits, tokenize_reward_record
 from nca_kit.rewards.followup_texts import (
     FollowupTokens,
     check_inputs,
@@ -123,18 +123,6 @@ def _pad(rows: Sequence[Sequence[int]], *, left: bool, device) -> tuple[torch.Te
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Output layer on selected final hidden states ``(M, H) -> (M, V)``, float32, with the final-logit transforms
-    some architectures apply (``logit_scale``, ``final_logit_softcapping``; none for Llama/Mistral/Qwen)."""
-    logits = model.get_output_embeddings()(hidden).float()
-    config = model.config
-    if isinstance(getattr(config, "logit_scale", None), (int, float)):
-        logits = logits * config.logit_scale
-    if getattr(config, "final_logit_softcapping", None):
-        logits = torch.tanh(logits / config.final_logit_softcapping) * config.final_logit_softcapping
-    return logits
 
 
 PREFIX_LAYOUTS = ("auto", "tree", "cache")
@@ -241,8 +229,7 @@ def prefix_shared_logps(model, prefixes: Sequence[Sequence[int]], continuations:
     """
     states, ids, mask = _hidden(model, prefixes, continuations, share_prefix, _layout(model, layout))
     rows, cols = mask.nonzero(as_tuple=True)  # (M,), (M,)
-    logits = _logits(model, states[rows, cols])  # (M, V): states[:, t] predicts token t
-    token_logps = logits.gather(-1, ids[rows, cols, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (M,)
+    token_logps = head_token_logps(model, states[rows, cols], ids[rows, cols])  # (M,): states[:, t] predicts token t
     logps = torch.zeros(ids.shape, dtype=token_logps.dtype, device=ids.device)  # (N, T)
     logps[rows, cols] = token_logps
     return logps, mask
@@ -375,9 +362,7 @@ def _flr_block(model, tokenizer, messages, responses, tokens: list[FollowupToken
                 for t in range(*tokens[f].span):
                     rows.append(row), cols.append(t - common), targets.append(tokens[f].ids[t])
             rows, cols = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
-            logits = _logits(model, states[rows, cols])  # (M, V)
-            token_logps = logits.gather(-1, torch.tensor(targets, device=device)[:, None]).squeeze(-1) - \
-                torch.logsumexp(logits, -1)  # (M,)
+            token_logps = head_token_logps(model, states[rows, cols], torch.tensor(targets, device=device))  # (M,)
             lengths = torch.tensor([tokens[f].span[1] - tokens[f].span[0] for f in rows_f], device=device)
             loglik = torch.zeros(len(rows_f), dtype=torch.float64, device=device).index_add(
                 0, rows, token_logps.double()) / lengths  # (R,)
@@ -386,7 +371,7 @@ def _flr_block(model, tokenizer, messages, responses, tokens: list[FollowupToken
             # words); at the state of the follow-up's first token / at the literal logits[-L] offset.
             for slot, name in ((1, "code_position"), (2, "literal_position")):
                 at = torch.tensor([getattr(tokens[f], name) - common for f in rows_f], device=device)
-                raw = _logits(model, states[torch.arange(len(rows_f), device=device), at])  # (R, V)
+                raw = output_logits(model, states[torch.arange(len(rows_f), device=device), at])  # (R, V)
                 logit = torch.stack([raw[row, list(tokens[f].code_ids)].double().mean()
                                      for row, f in enumerate(rows_f)])
                 out[lo:hi, group.start:group.stop, slot] = logit.view(hi - lo, len(group)).cpu().numpy()
