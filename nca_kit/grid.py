@@ -375,8 +375,7 @@ def collect(out: Path, docs: Path | None, prefix: str = "tiny_") -> None:
 # The alpha x beta grid (Fig. 6/8)
 # --------------------------------------------------------------------------------------------------------------------
 
-AB_METRICS = {"sample_reward": "sample reward (0-10)", "greedy_accuracy": "greedy accuracy",
-              "kl": "KL to the reference"}
+AB_METRICS = robustness.METRIC_LABELS
 
 
 def alpha_beta_specs(alphas, betas, seeds, methods, params: dict, smoke: bool = False) -> list[ExperimentSpec]:
@@ -391,11 +390,28 @@ def alpha_beta_specs(alphas, betas, seeds, methods, params: dict, smoke: bool = 
     return [spec.smoke_sized()[0] for spec in runs] if smoke else runs
 
 
-def collect_alpha_beta(out: Path, docs: Path | None) -> None:
+def export_records(out: Path, records_dir: Path) -> list[Path]:
+    """Each finished run's record under ``<out>/*/tiny_runs/<run>/results.json`` as a small committed file
+    ``<records_dir>/<cell>/<run>.json`` (everything but ``paths``, which name this machine's run folders)."""
+    written = []
+    for path in sorted(Path(out).glob("*/tiny_runs/*/results.json")):
+        record = json.loads(path.read_text())
+        record.pop("paths", None)
+        target = Path(records_dir) / path.parents[2].name / f"{path.parent.name}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        written.append(target)
+    return written
+
+
+def collect_alpha_beta(out: Path, docs: Path | None, records_dir: Path | None = None) -> None:
     records = robustness.load_grid_records(out)
     if not records:
         print(f"no results.json under {out}/*/tiny_runs")
         return
+    if records_dir is not None:
+        written = export_records(out, records_dir)
+        print(f"wrote {len(written)} records into {records_dir} (then `python -m nca_kit.report` rebuilds the page)")
     rows = [flat_row(r) for r in records]
     write_csv(out / "alpha_beta.csv", rows)
     table = robustness.summary_markdown(records, tuple(AB_METRICS)) + "".join(

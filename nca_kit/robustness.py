@@ -33,6 +33,11 @@ from nca_kit.experiment import METHODS, ExperimentSpec, run_experiment
 __all__ = ["ALPHA_FREE_METHODS", "uses_alpha", "plan", "grid_specs", "cell_dir", "run_grid", "load_grid_records",
            "grid_table", "seed_noise", "robustness_summary", "summary_markdown", "grid_markdown", "plot_grid"]
 
+#: The held-out metrics the α × β grid reports, with their axis labels.
+METRIC_LABELS = {"sample_reward": "sample reward (0-10)", "greedy_accuracy": "greedy accuracy",
+                 "kl": "KL to the reference"}
+
+
 def uses_alpha(method: str) -> bool:
     """Whether ``method``'s loss reads α (InfoNCA, NCA on K rewards; :data:`nca_kit.losses.LOSSES`); the others
     are swept over β only."""

@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     parser.add_argument("--collect-only", action="store_true")
     parser.add_argument("--docs", type=Path, default=None, help="also copy the figures into this folder")
     parser.add_argument("--docs-prefix", default="tiny_", help="file-name prefix of the figures copied to --docs")
+    parser.add_argument("--records", type=Path, default=None,
+                        help="alpha x beta mode: also write each run's record (no weights, no local paths) into "
+                             "this folder, e.g. results/alpha_beta, which python -m nca_kit.report reads")
     args = parser.parse_args(argv)
 
     out = args.out
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
             runs = grid.specs(planned, params, args.smoke)
         failed = grid.run_all(runs, out, params, alpha_beta=alpha_beta)
     if alpha_beta:
-        grid.collect_alpha_beta(out, args.docs)
+        grid.collect_alpha_beta(out, args.docs, args.records)
     else:
         grid.collect(out, args.docs, args.docs_prefix)
     return 1 if failed else 0

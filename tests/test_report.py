@@ -83,3 +83,30 @@ def test_flr_block_recomputes_accuracies_and_paired_differences_from_the_stored_
     assert "| Direct | 0.750 [" in text and "| FLR (paper) | 0.250 [" in text
     assert "| relevance 0.750 | -0.500 [" in text
     assert "relevance 0.750, correctness 0.250" in text.replace(" / ", "")
+
+
+def test_alpha_beta_records_are_exported_and_tabulated(tmp_path):
+    """run_grid --records writes each run's record without local paths; the report's tables and noise rows are
+    computed from those records (cell means, ranges and seed noise by hand)."""
+    from nca_kit import grid
+
+    runs = tmp_path / "runs"
+    values = {("nca", 0.01, 0.1): [1.0, 2.0], ("nca", 1.0, 0.1): [4.0, 3.0], ("dpo", None, 0.1): [2.5, 2.5]}
+    for (method, alpha, beta), per_seed in values.items():
+        cell = f"alpha{alpha:g}_beta{beta:g}" if alpha is not None else f"beta{beta:g}"
+        for seed, value in enumerate(per_seed):
+            folder = runs / cell / "tiny_runs" / f"{method}_k4_s{seed}"
+            folder.mkdir(parents=True)
+            record = {"method": method, "alpha": alpha if alpha is not None else 0.01, "beta": beta, "seed": seed,
+                      "trained": {"sample_reward": value, "greedy_accuracy": value / 10, "kl": 0.1},
+                      "paths": {"run": str(folder)}}
+            (folder / "results.json").write_text(json.dumps(record))
+    written = grid.export_records(runs, tmp_path / "records")
+    assert len(written) == 6 and all("paths" not in json.loads(p.read_text()) for p in written)
+    records = report.load_alpha_beta(tmp_path / "records")
+    tables = report.alpha_beta_tables_block(records)
+    # nca: cells 1.5 and 3.5 -> mean 2.5, range 2; seed noise over the 3 cells: (1 + 1 + 0) / 3
+    assert "| sample_reward | nca | 2 | 2.5000 | 1.5000 | 3.5000 | 2.0000 | 0.6667 |" in tables
+    assert "| nca | 0.1 | 1.5000 (2) | 3.5000 (2) |  |" in tables and "| dpo | 0.1 |  |  | 2.5000 (2) |" in tables
+    noise = report.alpha_beta_block("", records)
+    assert "| sample_reward | nca | 2 | 2.0000 |" in noise and "results/alpha_beta/" in noise
