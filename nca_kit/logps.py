@@ -34,8 +34,8 @@ import torch
 
 from nca_kit.data.schema import as_reward_row
 from nca_kit.losses import require
-from nca_kit.packing import (FORWARD_LAYOUTS, choose_layout, final_states, packed_states, shared_prompt_states,
-                             tree_prompt_states, tree_supported)
+from nca_kit.packing import (FORWARD_LAYOUTS, choose_layout, final_states, layout_plan, packed_states,
+                             shared_prompt_states, tree_prompt_states, tree_supported)
 
 __all__ = [
     "PromptTooLongError",
@@ -256,16 +256,23 @@ class RewardCollator:
 
 
 class LayoutCollator:
-    """A collator followed by a host-side layout choice: adds ``batch["layout"]`` (a
-    :class:`nca_kit.packing.LayoutPlanner`'s pick), which ``sequence_logps(forward="auto")`` then uses instead of
-    choosing on the device. Picklable (DataLoader workers)."""
+    """A collator followed by the host-side part of the forward layout, so that the training step reads nothing back
+    from the device: ``batch["layout"]`` (``layout``, or for ``"auto"`` a :class:`nca_kit.packing.LayoutPlanner`'s
+    pick, which ``sequence_logps(forward="auto")`` then uses) and, for every layout but ``padded``,
+    ``batch["layout_plan"]`` (:func:`nca_kit.packing.layout_plan`: the packed rows, the tree rows or the shared
+    prompts as CPU tensors, moved to the device with the rest of the batch). Picklable (DataLoader workers)."""
 
-    def __init__(self, collator, planner):
-        self.collator, self.planner = collator, planner
+    def __init__(self, collator, planner=None, *, layout: str = "auto"):
+        if layout == "auto" and planner is None:
+            raise ValueError("LayoutCollator(layout='auto') needs a planner (nca_kit.packing.LayoutPlanner(model))")
+        self.collator, self.planner, self.layout = collator, planner, layout
 
     def __call__(self, features: list[dict[str, Any]]) -> dict:
         batch = self.collator(features)
-        batch["layout"] = self.planner(batch)
+        batch["layout"] = self.planner(batch) if self.layout == "auto" else self.layout
+        plan = layout_plan(batch["layout"], batch)
+        if plan is not None:
+            batch["layout_plan"] = plan
         return batch
 
 
@@ -451,11 +458,17 @@ def sequence_logps(model, batch: dict, *, average: bool = False, selective: bool
         if forward == "padded":
             _, hidden = final_states(model, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             states = hidden[rows, cols]  # (M, H), after the final norm
-        elif forward == "packed":
-            states = packed_states(model, input_ids, attention_mask, rows, cols)  # (M, H)
         else:
-            layout = shared_prompt_states if forward == "shared_prompt" else tree_prompt_states
-            states = layout(model, input_ids, attention_mask, loss_mask, owner, rows, cols)  # (M, H)
+            plan = batch.get("layout_plan")  # made on the host by LayoutCollator, for the layout it planned
+            plan = plan if plan is not None and plan["layout"] == forward else None
+            if forward == "packed":
+                states = packed_states(model, input_ids, attention_mask, rows, cols, plan=plan)  # (M, H)
+            elif forward == "tree":
+                states = tree_prompt_states(model, input_ids, attention_mask, loss_mask, owner, rows, cols,
+                                            plan=plan)  # (M, H)
+            else:
+                states = shared_prompt_states(model, input_ids, attention_mask, loss_mask, owner, rows, cols,
+                                              plan=plan)  # (M, H)
         token_logps = head_token_logps(model, states, input_ids[rows, cols + 1])  # (M,), chunked over positions
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, T, V)

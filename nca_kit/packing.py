@@ -62,17 +62,22 @@ __all__ = [
     "final_states",
     "cache_argument",
     "pack_sequences",
+    "packed_plan",
     "packed_states",
     "PrefixCache",
     "EncodedPrefixes",
     "encode_prefixes",
     "continue_from_prefixes",
+    "shared_prompt_plan",
     "shared_prompt_states",
     "TREE_ATTENTION",
     "tree_supported",
     "sparse_attention",
+    "tree_plan",
     "tree_states",
+    "tree_prompt_plan",
     "tree_prompt_states",
+    "layout_plan",
     "layout_flops",
     "choose_layout",
     "LayoutPlanner",
@@ -150,18 +155,13 @@ def pack_sequences(lengths: list[int], capacity: int) -> tuple[list[int], list[i
     return row, offset
 
 
-def packed_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
-                  cols: torch.Tensor, *, capacity: int | None = None) -> torch.Tensor:
-    """Final hidden states ``(M, H)`` at positions ``(rows[m], cols[m])`` of a right-padded batch, computed packed.
+def packed_plan(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, capacity: int | None = None) -> dict:
+    """The packed layout of a right-padded batch, worked out where the tensors are (the collator calls it on the host,
+    so the training step reads nothing back): ``input_ids`` and ``position_ids`` ``(R, C)`` of the packed rows and
+    ``start`` ``(N,)``, the flat index ``row * C + offset`` of each sequence's first token.
 
-    Args:
-        input_ids, attention_mask: ``(N, T)``, right-padded (what :class:`nca_kit.logps.RewardCollator` makes).
-        rows, cols: ``(M,)`` positions wanted (inside each sequence).
-        capacity: tokens per packed row; ``None`` = the longest sequence. A large value packs everything into one row
-            (best with flash-attention's variable-length kernels, worst with a dense mask).
-
-    The packed input is ``(R, C)``; a row's unused tail is one more "sequence" (positions restarting at 0) whose
-    states are never read, so no attention mask is needed at all.
+    A row's unused tail is one more "sequence" (positions restarting at 0) whose states are never read, so no
+    attention mask is needed at all. ``capacity``: tokens per packed row; ``None`` = the longest sequence.
     """
     lengths = attention_mask.sum(-1)  # (N,)
     column = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
@@ -179,13 +179,35 @@ def packed_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     packed_ids = torch.zeros(n_rows * width, dtype=input_ids.dtype, device=device)  # (R * C,)
     packed_ids[flat] = input_ids[seq, pos]
     # tails: positions 0, 1, ... from the first free column, so that they form a sequence of their own
-    used = torch.zeros(n_rows, dtype=torch.long, device=device).index_add_(0, row_t, lengths)  # (R,)
+    used = torch.zeros(n_rows, dtype=torch.long, device=device).index_add_(0, row_t, lengths.long())  # (R,)
     slot = torch.arange(width, device=device)  # (C,)
     positions = (slot[None, :] - used[:, None]).clamp(min=0)  # (R, C): tail positions
     positions = positions.reshape(-1).index_put((flat,), pos).view(n_rows, width)  # (R, C)
-    _, hidden = final_states(model, input_ids=packed_ids.view(n_rows, width), position_ids=positions,
+    return {"layout": "packed", "input_ids": packed_ids.view(n_rows, width), "position_ids": positions,
+            "start": row_t * width + offset_t}
+
+
+def _on(plan: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in plan.items()}
+
+
+def packed_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+                  cols: torch.Tensor, *, capacity: int | None = None, plan: dict | None = None) -> torch.Tensor:
+    """Final hidden states ``(M, H)`` at positions ``(rows[m], cols[m])`` of a right-padded batch, computed packed.
+
+    Args:
+        input_ids, attention_mask: ``(N, T)``, right-padded (what :class:`nca_kit.logps.RewardCollator` makes).
+        rows, cols: ``(M,)`` positions wanted (inside each sequence).
+        capacity: tokens per packed row; ``None`` = the longest sequence. A large value packs everything into one row
+            (best with flash-attention's variable-length kernels, worst with a dense mask).
+        plan: :func:`packed_plan` of this batch, made in advance (by the collator); else made here, which reads the
+            sequence lengths back from the device.
+    """
+    plan = _on(plan if plan is not None else packed_plan(input_ids, attention_mask, capacity=capacity),
+               input_ids.device)
+    _, hidden = final_states(model, input_ids=plan["input_ids"], position_ids=plan["position_ids"],
                              use_cache=False)  # (R, C, H)
-    return hidden.reshape(n_rows * width, -1)[row_t[rows] * width + offset_t[rows] + cols]  # (M, H)
+    return hidden.reshape(-1, hidden.shape[-1])[plan["start"][rows] + cols]  # (M, H)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -292,16 +314,11 @@ def continue_from_prefixes(model, prefix: EncodedPrefixes, owner: torch.Tensor, 
     return hidden  # (N, T, H)
 
 
-def shared_prompt_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
-                         owner: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Final hidden states ``(M, H)`` at positions ``(rows[m], cols[m])`` of a collated batch, each prompt encoded once.
-
-    Args:
-        input_ids, attention_mask, loss_mask: ``(N, T)`` right-padded prompt + response rows; the prompt of a row is
-            everything before its first ``loss_mask`` token, and rows with the same ``owner`` share it.
-        owner: ``(N,)`` prompt index ``b`` of each row (``0 .. B-1``, rows of a prompt consecutive).
-        rows, cols: ``(M,)`` wanted positions; each must be at or after the prompt's last token.
-    """
+def shared_prompt_plan(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                       owner: torch.Tensor) -> dict:
+    """The shared-prompt layout's inputs, worked out where the tensors are (the collator: on the host): each prompt's
+    ids and mask ``(B, P)`` (from its first row), each row's response ids and mask ``(N, R)``, and ``prompt_len``
+    ``(N,)``."""
     device = input_ids.device
     prompt_len = loss_mask.int().argmax(-1)  # (N,): first response token = prompt length
     seq_len = attention_mask.sum(-1)  # (N,)
@@ -318,8 +335,28 @@ def shared_prompt_states(model, input_ids: torch.Tensor, attention_mask: torch.T
     r_cols = (prompt_len[:, None] + torch.arange(r_width, device=device)).clamp(max=input_ids.shape[1] - 1)  # (N, R)
     r_mask = (torch.arange(r_width, device=device)[None, :] < r_len[:, None]).long()  # (N, R)
     r_ids = input_ids.gather(1, r_cols) * r_mask  # (N, R)
-    prefix = encode_prefixes(model, p_ids, p_mask)
-    hidden = continue_from_prefixes(model, prefix, owner, r_ids, r_mask)  # (N, R, H)
+    return {"layout": "shared_prompt", "prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids,
+            "response_mask": r_mask, "prompt_len": prompt_len.long()}
+
+
+def shared_prompt_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                         owner: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, *,
+                         plan: dict | None = None) -> torch.Tensor:
+    """Final hidden states ``(M, H)`` at positions ``(rows[m], cols[m])`` of a collated batch, each prompt encoded once.
+
+    Args:
+        input_ids, attention_mask, loss_mask: ``(N, T)`` right-padded prompt + response rows; the prompt of a row is
+            everything before its first ``loss_mask`` token, and rows with the same ``owner`` share it.
+        owner: ``(N,)`` prompt index ``b`` of each row (``0 .. B-1``, rows of a prompt consecutive).
+        rows, cols: ``(M,)`` wanted positions; each must be at or after the prompt's last token.
+        plan: :func:`shared_prompt_plan` of this batch made in advance (by the collator); else made here, which reads
+            the prompt and response widths back from the device.
+    """
+    plan = _on(plan if plan is not None else shared_prompt_plan(input_ids, attention_mask, loss_mask, owner),
+               input_ids.device)
+    prompt_len = plan["prompt_len"]  # (N,)
+    prefix = encode_prefixes(model, plan["prompt_ids"], plan["prompt_mask"])
+    hidden = continue_from_prefixes(model, prefix, owner, plan["response_ids"], plan["response_mask"])  # (N, R, H)
     # position t of row n: t = prompt_len - 1 is the prompt's last token, t >= prompt_len is response token t - P
     local = cols - prompt_len[rows]  # (M,): -1 for the prompt's last token
     require(~(local < -1).any(), "shared_prompt_states: a wanted position lies inside the prompt")
@@ -374,6 +411,65 @@ def _tree_block_mask(segments: torch.Tensor):
     return create_block_mask(allowed, rows, None, width, width, device=segments.device)
 
 
+def tree_plan(prefixes, continuations) -> dict:
+    """The tree layout's rows, worked out on the host from token-id lists (CPU tensors).
+
+    Row ``b`` is ``prefix_b ++ c_1 ++ c_2 ++ ...``; continuation tokens take positions ``P_b, P_b + 1, ...`` (as if
+    each followed the prefix alone). Returns ``input_ids``, ``position_ids``, ``segments`` ``(B, L)`` (-1 padding,
+    0 the prefix, ``j`` continuation ``j``), and per continuation (``N`` in all, flattened group by group) ``row``,
+    ``prefix_last`` (column of its prefix's last token), ``start`` (column of its first token) and ``length``.
+    """
+    ids_rows, seg_rows, pos_rows, starts = [], [], [], []
+    for prefix, group in zip(prefixes, continuations):
+        ids, seg, pos = list(prefix), [0] * len(prefix), list(range(len(prefix)))
+        for j, cont in enumerate(group):
+            starts.append((len(ids_rows), len(prefix) - 1, len(ids), len(cont)))
+            ids += list(cont)
+            seg += [j + 1] * len(cont)
+            pos += range(len(prefix), len(prefix) + len(cont))
+        ids_rows.append(ids), seg_rows.append(seg), pos_rows.append(pos)
+    width = max(len(r) for r in ids_rows)
+    n_rows = len(ids_rows)
+    plan = {"layout": "tree", "input_ids": torch.zeros((n_rows, width), dtype=torch.long),
+            "segments": torch.full((n_rows, width), -1, dtype=torch.long),
+            "position_ids": torch.zeros((n_rows, width), dtype=torch.long)}
+    for b, (ids, seg, pos) in enumerate(zip(ids_rows, seg_rows, pos_rows)):
+        plan["input_ids"][b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        plan["segments"][b, :len(seg)] = torch.tensor(seg, dtype=torch.long)
+        plan["position_ids"][b, :len(pos)] = torch.tensor(pos, dtype=torch.long)
+    for i, name in enumerate(("row", "prefix_last", "start", "length")):
+        plan[name] = torch.tensor([s[i] for s in starts], dtype=torch.long)  # (N,)
+    return plan
+
+
+def _tree_hidden(model, plan: dict) -> torch.Tensor:
+    """Final hidden states ``(B, L, H)`` of a :func:`tree_plan` (on the model's device) under the tree mask: a dense
+    additive ``(B, 1, L, L)`` mask for eager/sdpa, a ``BlockMask`` for flex attention. Reads nothing back."""
+    if not tree_supported(model):
+        raise ValueError(f"the tree layout needs an attention implementation that takes its custom mask (a 4D "
+                         f"mask or a flex BlockMask: {TREE_ATTENTION}); this model uses "
+                         f"{_attention_implementation(model)!r}: use the packed or shared_prompt layout (or "
+                         "encode_prefixes/continue_from_prefixes)")
+    seg = plan["segments"]  # (B, L)
+    if _attention_implementation(model) == "flex_attention":
+        mask = _tree_block_mask(seg)  # BlockMask (B, 1, L, L)
+    else:
+        dtype = _unwrap(model).get_input_embeddings().weight.dtype
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        width = seg.shape[1]
+        column = torch.arange(width, device=seg.device)
+        causal = column[None, :] <= column[:, None]  # (L, L): key <= query
+        seg_q, seg_k = seg[:, :, None], seg[:, None, :]  # (B, L, 1), (B, 1, L)
+        allowed = causal & (seg_k >= 0) & ((seg_k == seg_q) | (seg_k == 0))  # (B, L, L)
+        allowed |= torch.eye(width, dtype=torch.bool, device=seg.device)  # a padding query sees itself
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        mask = mask[:, None]  # (B, 1, L, L) additive
+    _, hidden = final_states(model, input_ids=plan["input_ids"], attention_mask=mask,
+                             position_ids=plan["position_ids"], use_cache=False)  # (B, L, H)
+    return hidden
+
+
 def tree_states(model, prefixes, continuations) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Final hidden states of many continuations of a few prefixes, each prefix with all its continuations in one row.
 
@@ -381,9 +477,9 @@ def tree_states(model, prefixes, continuations) -> tuple[torch.Tensor, torch.Ten
         prefixes: ``B`` token-id lists.
         continuations: ``continuations[b]``, the token-id lists that continue ``prefixes[b]`` (``N`` in all).
 
-    Row ``b`` is ``prefix_b ++ c_1 ++ c_2 ++ ...``; continuation tokens take positions ``P_b, P_b + 1, ...`` (as if
-    each followed the prefix alone) and attend to the prefix and to their own continuation, causally. Cost
-    ``~ sum_b (P_b + sum_j |c_j|)`` tokens in ``B`` rows, with no padding inside a row and no key/value copies.
+    Row ``b`` is ``prefix_b ++ c_1 ++ c_2 ++ ...`` (:func:`tree_plan`); continuation tokens attend to the prefix and
+    to their own continuation, causally. Cost ``~ sum_b (P_b + sum_j |c_j|)`` tokens in ``B`` rows, with no padding
+    inside a row and no key/value copies.
 
     Returns:
         ``(states (N, T + 1, H), ids (N, T), mask (N, T))`` in the order of ``continuations`` flattened: ``states[n,
@@ -393,62 +489,24 @@ def tree_states(model, prefixes, continuations) -> tuple[torch.Tensor, torch.Ten
         raise ValueError(f"tree_states needs one of the attention implementations {TREE_ATTENTION} (a custom 4D "
                          f"mask); this model uses {_attention_implementation(model)!r}: use "
                          "encode_prefixes/continue_from_prefixes")
-    device = next(_unwrap(model).parameters()).device
-    dtype = _unwrap(model).get_input_embeddings().weight.dtype
-    if not dtype.is_floating_point:
-        dtype = torch.float32
-    ids_rows, seg_rows, pos_rows, starts = [], [], [], []
-    for prefix, group in zip(prefixes, continuations):
-        ids, seg, pos = list(prefix), [0] * len(prefix), list(range(len(prefix)))
-        for j, cont in enumerate(group):
-            starts.append((len(ids_rows), len(prefix), len(ids), len(cont)))
-            ids += list(cont)
-            seg += [j + 1] * len(cont)
-            pos += range(len(prefix), len(prefix) + len(cont))
-        ids_rows.append(ids), seg_rows.append(seg), pos_rows.append(pos)
-    width = max(len(r) for r in ids_rows)
-    n_rows = len(ids_rows)
-    ids_t = torch.zeros((n_rows, width), dtype=torch.long)  # (B, L)
-    seg_t = torch.full((n_rows, width), -1, dtype=torch.long)  # (B, L): -1 = padding, 0 = prefix, j = continuation j
-    pos_t = torch.zeros((n_rows, width), dtype=torch.long)  # (B, L)
-    for b, (ids, seg, pos) in enumerate(zip(ids_rows, seg_rows, pos_rows)):
-        ids_t[b, :len(ids)] = torch.tensor(ids)
-        seg_t[b, :len(seg)] = torch.tensor(seg)
-        pos_t[b, :len(pos)] = torch.tensor(pos)
-    ids_t, seg_t, pos_t = ids_t.to(device), seg_t.to(device), pos_t.to(device)
-    if _attention_implementation(model) == "flex_attention":
-        mask = _tree_block_mask(seg_t)  # BlockMask (B, 1, L, L)
-    else:
-        column = torch.arange(width, device=device)
-        causal = column[None, :] <= column[:, None]  # (L, L): key <= query
-        seg_q, seg_k = seg_t[:, :, None], seg_t[:, None, :]  # (B, L, 1), (B, 1, L)
-        allowed = causal & (seg_k >= 0) & ((seg_k == seg_q) | (seg_k == 0))  # (B, L, L)
-        allowed |= torch.eye(width, dtype=torch.bool, device=device)  # a padding query sees itself
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-        mask = mask[:, None]  # (B, 1, L, L) additive
-    _, hidden = final_states(model, input_ids=ids_t, attention_mask=mask, position_ids=pos_t,
-                             use_cache=False)  # (B, L, H)
-    t_max = max(length for *_, length in starts)
-    row = torch.tensor([s[0] for s in starts], device=device)  # (N,)
-    prefix_last = torch.tensor([s[1] - 1 for s in starts], device=device)  # (N,)
-    start = torch.tensor([s[2] for s in starts], device=device)  # (N,)
-    length = torch.tensor([s[3] for s in starts], device=device)  # (N,)
-    t = torch.arange(t_max + 1, device=device)  # (T + 1,)
-    cols = torch.where(t[None, :] == 0, prefix_last[:, None], start[:, None] + t[None, :] - 1)  # (N, T + 1)
+    plan = tree_plan(prefixes, continuations)
+    t_max = int(plan["length"].max())
+    plan = _on(plan, next(_unwrap(model).parameters()).device)
+    hidden = _tree_hidden(model, plan)  # (B, L, H)
+    row, start, length, width = plan["row"], plan["start"], plan["length"], plan["input_ids"].shape[1]
+    t = torch.arange(t_max + 1, device=row.device)  # (T + 1,)
+    cols = torch.where(t[None, :] == 0, plan["prefix_last"][:, None], start[:, None] + t[None, :] - 1)  # (N, T + 1)
     cols = torch.minimum(cols, (start + length - 1)[:, None])  # past a continuation's end: its last state (unread)
     states = hidden[row[:, None], cols]  # (N, T + 1, H)
     cont_mask = t[None, :t_max] < length[:, None]  # (N, T)
-    cont_ids = ids_t[row[:, None], (start[:, None] + t[None, :t_max]).clamp(max=width - 1)] * cont_mask  # (N, T)
+    cont_ids = plan["input_ids"][row[:, None], (start[:, None] + t[None, :t_max]).clamp(max=width - 1)] * cont_mask
     return states, cont_ids, cont_mask
 
 
-def tree_prompt_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
-                       owner: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """:func:`shared_prompt_states` in the tree layout: one row per prompt holding the prompt and its K responses
-    (:func:`tree_states`), one forward, gradients through the prompt as in the independent forward.
-
-    Same arguments and result: final hidden states ``(M, H)`` at ``(rows[m], cols[m])`` of the collated batch.
-    """
+def tree_prompt_plan(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                     owner: torch.Tensor) -> dict:
+    """:func:`tree_plan` of a collated batch (each prompt once, followed by its responses), plus ``prompt_len``
+    ``(N,)``; worked out from host tensors by the collator so that the step reads nothing back."""
     prompt_len = loss_mask.int().argmax(-1)  # (N,): first response token = prompt length
     seq_len = attention_mask.sum(-1)  # (N,)
     owner_list, p_list, s_list = owner.tolist(), prompt_len.tolist(), seq_len.tolist()
@@ -461,10 +519,29 @@ def tree_prompt_states(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         elif b != len(prefixes) - 1:
             raise ValueError("tree_prompt_states: the rows of a prompt must be consecutive, prompts numbered 0, 1, ..")
         continuations[-1].append(ids[n][p_list[n]:s_list[n]])
-    states, _, _ = tree_states(model, prefixes, continuations)  # (N, R + 1, H)
-    local = cols + 1 - prompt_len[rows]  # (M,): state index t predicts response token t
+    plan = tree_plan(prefixes, continuations)
+    plan["prompt_len"] = prompt_len.long().cpu()
+    return plan
+
+
+def tree_prompt_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                       owner: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, *,
+                       plan: dict | None = None) -> torch.Tensor:
+    """:func:`shared_prompt_states` in the tree layout: one row per prompt holding the prompt and its K responses
+    (:func:`tree_plan`), one forward, gradients through the prompt as in the independent forward.
+
+    Same arguments and result: final hidden states ``(M, H)`` at ``(rows[m], cols[m])`` of the collated batch.
+    ``plan``: :func:`tree_prompt_plan` of this batch made in advance (by the collator); else made here, which reads
+    the batch back from the device.
+    """
+    plan = _on(plan if plan is not None else tree_prompt_plan(input_ids, attention_mask, loss_mask, owner),
+               input_ids.device)
+    hidden = _tree_hidden(model, plan)  # (B, L, H)
+    prompt_len = plan["prompt_len"][rows]  # (M,)
+    local = cols + 1 - prompt_len  # (M,): 0 = the prompt's last token, t >= 1 = response token t - 1
     require(~(local < 0).any(), "tree_prompt_states: a wanted position lies inside the prompt")
-    return states[rows, local]  # (M, H)
+    column = torch.where(local == 0, plan["prefix_last"][rows], plan["start"][rows] + local - 1)  # (M,)
+    return hidden[plan["row"][rows], column]  # (M, H)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -537,6 +614,19 @@ def choose_layout(model, attention_mask: torch.Tensor, loss_mask: torch.Tensor, 
     """The layout of :func:`layout_flops` with the fewest estimated FLOPs (``padded`` on a tie)."""
     costs = layout_flops(model, attention_mask, loss_mask, owner)
     return min(costs, key=lambda name: (costs[name], name != "padded"))
+
+
+def layout_plan(layout: str, batch: dict) -> dict | None:
+    """The host-side part of ``layout`` for a collated batch (what :class:`nca_kit.logps.LayoutCollator` attaches as
+    ``batch["layout_plan"]``): :func:`packed_plan`, :func:`tree_prompt_plan` or :func:`shared_prompt_plan`; ``None``
+    for ``padded`` (nothing to plan)."""
+    if layout == "packed":
+        return packed_plan(batch["input_ids"], batch["attention_mask"])
+    if layout in ("tree", "shared_prompt"):
+        owner = batch["owner"] if "owner" in batch else batch["response_mask"].nonzero(as_tuple=True)[0]
+        make = tree_prompt_plan if layout == "tree" else shared_prompt_plan
+        return make(batch["input_ids"], batch["attention_mask"], batch["loss_mask"].bool(), owner)
+    return None
 
 
 class LayoutPlanner:

@@ -190,8 +190,10 @@ class NCATrainer(Trainer):
         self.reference_model = reference_model
         self.logps_forward = logps_forward
         self.model_accepts_loss_kwargs = False  # the loss is a per-micro-batch mean: Trainer scales it for accumulation
-        if logps_forward == "auto" and isinstance(self.data_collator, RewardCollator):  # layout chosen on the host
-            self.data_collator = LayoutCollator(self.data_collator, LayoutPlanner(self.model))
+        if logps_forward != "padded" and isinstance(self.data_collator, RewardCollator):
+            # the layout chosen and planned on the host, in the DataLoader: the step reads nothing back
+            planner = LayoutPlanner(self.model) if logps_forward == "auto" else None
+            self.data_collator = LayoutCollator(self.data_collator, planner, layout=logps_forward)
         self._metric_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device tensors, read at logging
         self._computing_reference = False
         self._grouped_sampler: EpochLengthGroupedSampler | None = None

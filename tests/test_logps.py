@@ -275,5 +275,5 @@ def test_chunked_head_in_sequence_logps_equals_unchunked_with_lora_head(tok, tok
     (v_chunk, g_chunk), (v_full, g_full) = results
     torch.testing.assert_close(v_chunk, v_full, atol=1e-5, rtol=0)
     assert any("lm_head" in n for n in g_full)
-    for name in g_full:
-        torch.testing.assert_close(g_chunk[name], g_full[name], atol=1e-5, rtol=0)
+    for name in g_full:  # gradient entries reach ~10 here: 1e-5 absolute or relative (fp32 sums in another order)
+        torch.testing.assert_close(g_chunk[name], g_full[name], atol=1e-5, rtol=1e-5)

@@ -220,6 +220,47 @@ def test_flex_attention_layouts_give_the_padded_logps(layout, batch):
     torch.testing.assert_close(other, padded, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("layout", ["packed", "tree", "shared_prompt", "auto"])
+def test_the_collator_plans_the_layout_on_the_host(layout, tok, tokenized, monkeypatch):
+    """LayoutCollator attaches the packed / tree rows as CPU tensors; sequence_logps uses them (planning again in
+    the forward is made to fail) and gives the padded log-probs and gradients."""
+    import nca_kit.packing as packing
+    from nca_kit.logps import LayoutCollator
+
+    model = sharp_model("llama", "sdpa")
+    planner = packing.LayoutPlanner(model) if layout == "auto" else None
+    batch = LayoutCollator(RewardCollator(tok.pad_token_id), planner, layout=layout)(
+        [tokenized[i] for i in range(len(tokenized))])
+    chosen = batch["layout"]
+    assert chosen in ("packed", "tree") if layout == "auto" else chosen == layout
+    plan = batch["layout_plan"]
+    assert plan["layout"] == chosen and all(v.device.type == "cpu" for v in plan.values() if torch.is_tensor(v))
+    padded = sequence_logps(model, batch)
+    padded.sum().backward()
+    expected = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+
+    def no_planning(*args, **kwargs):
+        raise AssertionError("planned again inside the forward")
+
+    monkeypatch.setattr(packing, "packed_plan", no_planning)
+    monkeypatch.setattr(packing, "tree_prompt_plan", no_planning)
+    monkeypatch.setattr(packing, "shared_prompt_plan", no_planning)
+    planned = sequence_logps(model, batch, forward=chosen)
+    torch.testing.assert_close(planned, padded, atol=1e-5, rtol=0)
+    planned.sum().backward()
+    for got, want in zip([p.grad for p in model.parameters() if p.requires_grad], expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_fixed_layout_needs_no_planner_and_auto_does(tok):
+    from nca_kit.logps import LayoutCollator
+
+    with pytest.raises(ValueError, match="needs a planner"):
+        LayoutCollator(RewardCollator(tok.pad_token_id))
+    LayoutCollator(RewardCollator(tok.pad_token_id), layout="padded")  # nothing to plan: no plan attached
+
+
 def test_layout_is_validated(batch):
     model = sharp_model(lora=False)
     with pytest.raises(ValueError, match="forward must be one of"):
@@ -230,7 +271,7 @@ def test_layout_is_validated(batch):
     with pytest.raises(ValueError, match="right-padded"):
         sequence_logps(model, left, forward="packed")
     model.config._attn_implementation = "flash_attention_2"  # takes no custom 4D mask: tree says so before running
-    with pytest.raises(ValueError, match="custom 4D mask"):
+    with pytest.raises(ValueError, match="takes its custom mask"):
         sequence_logps(model, batch, forward="tree")
 
 
