@@ -430,23 +430,59 @@ def plot_pair_accuracy(table, ax=None, title: str = "Pairwise accuracy"):
 
 def plot_score_distributions(evaluation, variant: str = "paper", axes=None):
     """Histograms of chosen vs rejected rewards of a :class:`nca_kit.rewards.studies.PairEvaluation`: FLR
-    (``variant``, all categories) and Direct, and their margins."""
+    (``variant``, all categories) and Direct, and their margins (:func:`plot_reward_histograms`)."""
+    return plot_reward_histograms(evaluation.flr.rewards(variant), evaluation.direct, variant, axes)
+
+
+def plot_reward_histograms(flr, direct, variant: str = "paper", axes=None):
+    """Histograms of chosen vs rejected rewards, FLR (``variant``) and Direct, and their standardised margins.
+    ``flr``, ``direct``: one reward per response of each pair, chosen at even positions, rejected at odd ones."""
     if axes is None:
         _, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, (name, r) in zip(axes, [(f"FLR ({variant})", evaluation.flr.rewards(variant)),
-                                    ("Direct", evaluation.direct)]):
+    series = [(f"FLR ({variant})", np.asarray(flr, dtype=float)), ("Direct", np.asarray(direct, dtype=float))]
+    for ax, (name, r) in zip(axes, series):
         bins = np.histogram_bin_edges(r, bins=30)
         ax.hist(r[0::2], bins=bins, alpha=0.6, label="chosen")
         ax.hist(r[1::2], bins=bins, alpha=0.6, label="rejected")
         ax.set_title(f"{name} reward")
+        ax.set_xlabel("reward")
+        ax.set_ylabel("responses")
         ax.legend(fontsize=8)
-    for name, r in [(f"FLR ({variant})", evaluation.flr.rewards(variant)), ("Direct", evaluation.direct)]:
+    for name, r in series:
         margin = r[0::2] - r[1::2]
         axes[2].hist(margin / (np.std(margin) or 1.0), bins=30, alpha=0.5, label=name)
     axes[2].axvline(0, color="k", lw=0.8)
     axes[2].set_title("chosen - rejected (standardised)")
+    axes[2].set_xlabel("margin / its standard deviation")
+    axes[2].set_ylabel("pairs")
     axes[2].legend(fontsize=8)
     return axes
 
 
-__all__ += ["plot_study", "plot_pair_accuracy", "plot_score_distributions"]
+def plot_k_response_scorers(table, n_prompts: int, axes=None):
+    """Two panels for scorers of K-response answers against a rubric (``table``:
+    :func:`nca_kit.rewards.studies.evaluate_k_responses`): accuracy on correct-vs-wrong pairs with 95 % Wilson
+    intervals, and the rubric reward of each scorer's Best-of-K pick against a random and the oracle pick."""
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    labels = [f"{s}\n{c}" if c not in ("-", "all") else s for s, c in zip(table.scorer, table.category)]
+    axes[0].bar(labels, table.correct_pair_accuracy,
+                yerr=[table.correct_pair_accuracy - table.correct_pair_low,
+                      table.correct_pair_high - table.correct_pair_accuracy], capsize=2, label="95 % Wilson interval")
+    axes[0].axhline(0.5, color="grey", lw=0.8, label="chance (0.5)")
+    axes[0].set_title(f"correct vs wrong pairs (n = {int(table.n_correct_pairs.iloc[0])})")
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=8)
+    axes[1].bar(labels, table.best_of_k)
+    axes[1].axhline(table.random.iloc[0], color="k", ls="--", lw=1, label="random pick")
+    axes[1].axhline(table.oracle.iloc[0], color="g", ls=":", lw=1, label="oracle")
+    axes[1].set_title(f"Best-of-K rubric reward ({n_prompts} prompts)")
+    axes[1].set_ylabel("rubric reward (0-10)")
+    axes[1].legend(fontsize=8)
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7)
+    return axes
+
+
+__all__ += ["plot_study", "plot_pair_accuracy", "plot_score_distributions", "plot_reward_histograms",
+            "plot_k_response_scorers"]

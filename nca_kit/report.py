@@ -453,6 +453,41 @@ def flr_block(record_path: Path) -> str:
     return "\n".join(lines)
 
 
+def flr_figures(record_path: Path, docs: Path) -> list[Path]:
+    """The FLR figures of ``docs/results_rewards.md`` drawn from ``results/flr_eval/results.json``: HH-RLHF pairwise
+    accuracy by category, the reward histograms of FLR (``paper``) and Direct, and the arithmetic scorers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from nca_kit import plots
+
+    record = json.loads(record_path.read_text())
+    paths = []
+    if record.get("hh"):
+        hh = record["hh"]
+        fig, ax = plt.subplots(figsize=(9, 3.8))
+        plots.plot_pair_accuracy(pd.DataFrame(hh["table"]), ax, title=f"HH-RLHF harmless-base, {record['model']}")
+        paths.append(docs / "rewards_flr_hh_accuracy.png")
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=120)
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+        plots.plot_reward_histograms(hh["rewards"]["FLR (paper) | all"], hh["rewards"]["Direct | -"], "paper", axes)
+        paths.append(docs / "rewards_flr_hh_distributions.png")
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=120)
+    if record.get("arith"):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+        plots.plot_k_response_scorers(pd.DataFrame(record["arith"]["table"]), record["arith"]["n_prompts"], axes)
+        paths.append(docs / "rewards_flr_arith.png")
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=120)
+    plt.close("all")
+    return paths
+
+
 _RANGE_ROW = re.compile(r"^\| (\w+) \| (\w+) \| (\d+) \| [-\d.]+ \| [-\d.]+ \| [-\d.]+ \| ([-\d.]+) \| ([-\d.]+) \|$")
 
 
@@ -563,6 +598,7 @@ def build(repo: Path, docs: Path) -> list[Path]:
     flr_record = repo / "results" / "flr_eval" / "results.json"
     if flr_record.exists():  # until scripts/flr_eval.py has written its record, the page keeps its logged tables
         text = replace_block(text, "flr_tables", flr_block(flr_record))
+        written += flr_figures(flr_record, docs)
     rewards.write_text(text)
     alpha_beta = docs / "results_alpha_beta.md"
     text = alpha_beta.read_text()

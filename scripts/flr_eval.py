@@ -10,12 +10,13 @@
 HH pairs are added 16 at a time (a fixed seeded order) until ``--minutes`` have passed since the start or ``--pairs``
 are scored. Writes ``results.json`` (the tables and every HH response's reward, from which
 ``python -m nca_kit.report`` rebuilds the FLR tables of ``docs/results_rewards.md`` with the paired
-comparisons), ``hh_table.csv`` and
-``arith_table.csv`` into ``--out``, and the figures ``rewards_flr_hh_accuracy.png``, ``rewards_flr_hh_distributions.png``
-and ``rewards_flr_arith.png`` into ``--figures``.
+comparisons and draws the figures ``rewards_flr_hh_accuracy.png``, ``rewards_flr_hh_distributions.png`` and
+``rewards_flr_arith.png``), ``hh_table.csv`` and ``arith_table.csv`` into ``--out``; with ``--figures`` it also draws
+the figures there itself.
 Scores are cached in ``--cache`` block by block: an interrupted run resumes where it stopped, a rerun is instant.
 
-    python scripts/flr_eval.py --pairs 128 --minutes 600 --arith-prompts 48 --out results/flr_eval --figures docs
+    python scripts/flr_eval.py --pairs 128 --minutes 600 --arith-prompts 48 --out results/flr_eval
+    python -m nca_kit.report
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--cache", type=Path, default=None, help="score cache folder (default: NCA_KIT_CACHE or runs/cache)")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "flr_eval", help="tables and results.json")
-    parser.add_argument("--figures", type=Path, default=None, help="figure folder (default: --out)")
+    parser.add_argument("--figures", type=Path, default=None,
+                        help="also draw the figures here (the docs' copies are drawn from results.json by "
+                             "python -m nca_kit.report)")
     args = parser.parse_args(argv)
     if args.cache is None:
         from nca_kit.cache import default_cache_dir
@@ -63,8 +66,9 @@ def main(argv=None) -> int:
     start = time.time()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    figures = args.figures or args.out
-    figures.mkdir(parents=True, exist_ok=True)
+    figures = args.figures  # the docs' figures come from the record: python -m nca_kit.report
+    if figures is not None:
+        figures.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(args.model, device="cpu")
     results: dict = {"model": args.model, "command": "python scripts/flr_eval.py " + " ".join(argv or sys.argv[1:])}
 
@@ -90,14 +94,15 @@ def main(argv=None) -> int:
                                      for (s, c), r in evaluation.scorers().items()}}
         print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
         print(json.dumps(results["hh"]["disagreement"], indent=1))
-        fig, ax = plt.subplots(figsize=(9, 3.8))
-        plots.plot_pair_accuracy(table, ax, title="HH-RLHF harmless-base, SmolLM2-135M-Instruct")
-        fig.tight_layout()
-        fig.savefig(figures / "rewards_flr_hh_accuracy.png", dpi=120)
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-        plots.plot_score_distributions(evaluation, "paper", axes)
-        fig.tight_layout()
-        fig.savefig(figures / "rewards_flr_hh_distributions.png", dpi=120)
+        if figures is not None:
+            fig, ax = plt.subplots(figsize=(9, 3.8))
+            plots.plot_pair_accuracy(table, ax, title="HH-RLHF harmless-base, SmolLM2-135M-Instruct")
+            fig.tight_layout()
+            fig.savefig(figures / "rewards_flr_hh_accuracy.png", dpi=120)
+            fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+            plots.plot_score_distributions(evaluation, "paper", axes)
+            fig.tight_layout()
+            fig.savefig(figures / "rewards_flr_hh_distributions.png", dpi=120)
 
     results["wall_seconds"] = round(time.time() - start, 1)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
@@ -105,11 +110,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def arithmetic(args, model, tokenizer, figures: Path, results: dict) -> None:
+def arithmetic(args, model, tokenizer, figures: Path | None, results: dict) -> None:
     """Part 2: FLR (arithmetic and helpfulness correctness follow-ups) and Direct against the rubric."""
     import matplotlib.pyplot as plt
 
-    from nca_kit import generate
+    from nca_kit import generate, plots
     from nca_kit.rewards import studies
     from nca_kit.tasks import CORRECT_THRESHOLD
 
@@ -122,24 +127,11 @@ def arithmetic(args, model, tokenizer, figures: Path, results: dict) -> None:
     table.to_csv(args.out / "arith_table.csv", index=False)
     results["arith"] = {"n_prompts": len(train), "k": 4, "table": table.to_dict("records")}
     print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
-    labels = [f"{s}\n{c}" if c not in ("-", "all") else s for s, c in zip(table.scorer, table.category)]
-    axes[0].bar(labels, table.correct_pair_accuracy,
-                yerr=[table.correct_pair_accuracy - table.correct_pair_low,
-                      table.correct_pair_high - table.correct_pair_accuracy], capsize=2)
-    axes[0].axhline(0.5, color="grey", lw=0.8)
-    axes[0].set_title(f"correct vs wrong pairs (n = {int(table.n_correct_pairs.iloc[0])})")
-    axes[0].set_ylabel("accuracy")
-    axes[1].bar(labels, table.best_of_k)
-    axes[1].axhline(table.random.iloc[0], color="k", ls="--", lw=1, label="random pick")
-    axes[1].axhline(table.oracle.iloc[0], color="g", ls=":", lw=1, label="oracle")
-    axes[1].set_title(f"Best-of-4 rubric reward ({len(train)} prompts)")
-    axes[1].legend(fontsize=8)
-    for ax in axes:
-        ax.tick_params(axis="x", labelsize=7)
-    fig.tight_layout()
-    fig.savefig(figures / "rewards_flr_arith.png", dpi=120)
-
+    if figures is not None:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+        plots.plot_k_response_scorers(table, len(train), axes)
+        fig.tight_layout()
+        fig.savefig(figures / "rewards_flr_arith.png", dpi=120)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -110,3 +110,28 @@ def test_alpha_beta_records_are_exported_and_tabulated(tmp_path):
     assert "| nca | 0.1 | 1.5000 (2) | 3.5000 (2) |  |" in tables and "| dpo | 0.1 |  |  | 2.5000 (2) |" in tables
     noise = report.alpha_beta_block("", records)
     assert "| sample_reward | nca | 2 | 2.0000 |" in noise and "results/alpha_beta/" in noise
+
+
+def test_flr_figures_are_drawn_from_the_record(tmp_path):
+    """The three FLR figures come from results.json alone (no model, no score cache)."""
+    import matplotlib.image as mpimg
+
+    rng = np.random.default_rng(0)
+    hh_table = [{"scorer": s, "category": c, "accuracy": a, "low": a - 0.1, "high": a + 0.1, "n": 8}
+                for s, c, a in [("Direct", "-", 0.6), ("FLR (paper)", "all", 0.5), ("FLR (paper)", "relevance", 0.4),
+                                ("FLR (code)", "all", 0.55), ("FLR (code)", "relevance", 0.45)]]
+    arith_table = [{"scorer": s, "category": c, "correct_pair_accuracy": a, "correct_pair_low": a - 0.1,
+                    "correct_pair_high": a + 0.1, "n_correct_pairs": 12, "best_of_k": 3.0, "random": 2.0,
+                    "oracle": 4.0} for s, c, a in [("Direct", "-", 0.8), ("FLR (paper)", "all", 0.5)]]
+    record = {"model": "tiny", "command": "python scripts/flr_eval.py", "wall_seconds": 1.0,
+              "hh": {"n_pairs": 8, "seed": 0, "table": hh_table,
+                     "rewards": {"Direct | -": rng.normal(size=16).tolist(),
+                                 "FLR (paper) | all": rng.normal(size=16).tolist()}},
+              "arith": {"n_prompts": 6, "k": 4, "table": arith_table}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(record))
+    written = report.flr_figures(path, tmp_path)
+    assert [p.name for p in written] == ["rewards_flr_hh_accuracy.png", "rewards_flr_hh_distributions.png",
+                                         "rewards_flr_arith.png"]
+    for p in written:
+        assert mpimg.imread(p).shape[0] > 100
