@@ -516,6 +516,16 @@ def alpha_beta_tables_block(records: list[dict]) -> str:
              robustness.summary_markdown(records, tuple(robustness.METRIC_LABELS)).rstrip()]
     for metric in robustness.METRIC_LABELS:
         lines += ["", robustness.grid_markdown(records, metric).rstrip()]
+    lines += ["", "Likelihood of the best training answer at the last step (`log π − log µ`, nats; the Fig. 5 "
+              "quantity), per method over its runs:", "",
+              "| method | runs | min | max | runs where it fell (< 0) | of those, by seed |", "|---|---|---|---|---|---|"]
+    for method in dict.fromkeys(r["method"] for r in records):
+        runs = [r for r in records if r["method"] == method]
+        last = [(r["trend"]["chosen"][-1], r["seed"]) for r in runs]
+        fell = [seed for value, seed in last if value < 0]
+        by_seed = ", ".join(f"seed {s}: {fell.count(s)}" for s in sorted(set(fell))) or "–"
+        lines.append(f"| {method} | {len(runs)} | {min(v for v, _ in last):+.2f} | {max(v for v, _ in last):+.2f} | "
+                     f"{len(fell)} | {by_seed} |")
     return "\n".join(lines)
 
 

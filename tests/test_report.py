@@ -99,6 +99,7 @@ def test_alpha_beta_records_are_exported_and_tabulated(tmp_path):
             folder.mkdir(parents=True)
             record = {"method": method, "alpha": alpha if alpha is not None else 0.01, "beta": beta, "seed": seed,
                       "trained": {"sample_reward": value, "greedy_accuracy": value / 10, "kl": 0.1},
+                      "trend": {"step": [1, 2], "chosen": [0.0, value - 2.0 if method == "nca" else -0.5]},
                       "paths": {"run": str(folder)}}
             (folder / "results.json").write_text(json.dumps(record))
     written = grid.export_records(runs, tmp_path / "records")
@@ -108,6 +109,7 @@ def test_alpha_beta_records_are_exported_and_tabulated(tmp_path):
     # nca: cells 1.5 and 3.5 -> mean 2.5, range 2; seed noise over the 3 cells: (1 + 1 + 0) / 3
     assert "| sample_reward | nca | 2 | 2.5000 | 1.5000 | 3.5000 | 2.0000 | 0.6667 |" in tables
     assert "| nca | 0.1 | 1.5000 (2) | 3.5000 (2) |  |" in tables and "| dpo | 0.1 |  |  | 2.5000 (2) |" in tables
+    assert "| nca | 4 | -1.00 | +2.00 | 1 | seed 0: 1 |" in tables and "| dpo | 2 | -0.50 | -0.50 | 2 |" in tables
     noise = report.alpha_beta_block("", records)
     assert "| sample_reward | nca | 2 | 2.0000 |" in noise and "results/alpha_beta/" in noise
 
