@@ -249,11 +249,15 @@ class ExperimentSpec:
                                   prompt_seed=self.gen_seed, sample_seed=self.gen_seed, k=self.data_k,
                                   temperature=self.temperature, max_new_tokens=self.max_new_tokens)
 
-    def train_config(self, output_dir: Path):
+    def train_config(self, output_dir: Path, dataset: str | None = None):
+        """The :class:`nca_kit.training.TrainConfig` of this run. ``dataset``: the file the run's training rows were
+        written to (:meth:`Experiment.train` writes ``train_data.jsonl`` into the run folder, so that
+        ``python -m nca_kit.train --config <run>/config.yaml --output_dir <new>`` reruns the training)."""
         from nca_kit.training import TrainConfig
 
         return TrainConfig(
-            model_name=self.model, dataset=f"nca_kit.generate:{self.generation_settings().file_name()}",
+            model_name=self.model,
+            dataset=dataset or f"nca_kit.generate:{self.generation_settings().file_name()}",
             dataset_layout=None, loss_type=self.loss_type, alpha=self.alpha, beta=self.beta, learning_rate=self.lr,
             max_steps=self.steps, batch_size=self.batch, per_device_batch_size=self.batch,
             lr_scheduler_type="cosine", warmup_ratio=self.warmup_ratio, max_prompt_length=self.max_prompt_length,
@@ -443,7 +447,10 @@ class Experiment:
         from nca_kit.training import train
 
         self._needs("model", "train_rows")
-        config = self.spec.train_config(self.run_dir)
+        data_file = self.run_dir / "train_data.jsonl"  # the exact rows trained on: config.yaml names this file
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.train_rows.to_json(str(data_file), lines=True)
+        config = self.spec.train_config(self.run_dir, dataset=str(data_file))
         with self._timed("train"), contextlib.redirect_stdout(io.StringIO()):
             self.result = train(config, model=self.model, tokenizer=self.tokenizer, dataset=self.train_rows)
         self.trend = ev.likelihood_trends(self.result.metrics)

@@ -151,3 +151,29 @@ def test_a_smoke_run_on_a_tiny_model_trains_evaluates_and_records(tmp_path):
     assert abs(trend["chosen"][2]) > 1e-4  # step 2's update moved the policy
     row = flat_row(record)
     assert row["reward_source"] == "rubric" and row["chosen_delta_final"] == trend["chosen"][-1]
+
+
+@pytest.mark.slow
+def test_a_run_reruns_from_its_config_yaml(tmp_path):
+    """config.yaml names the file of the exact rows trained on (train_data.jsonl in the run folder), so
+    `python -m nca_kit.train --config <run>/config.yaml --output_dir <new>` repeats the training: same losses."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    spec, _ = ExperimentSpec(model="tiny-mistral", n_train=8, n_test=4, max_new_tokens=6, lr=1e-2, steps=4, batch=2,
+                             n_eval=4, method="infonca", k=3).smoke_sized()
+    run_experiment(spec, out=tmp_path / "out", data_dir=tmp_path / "data", cache_dir=tmp_path / "cache")
+    run_dir = tmp_path / "out" / "tiny_runs" / "infonca_k3_s0"
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert Path(config["dataset"]) == run_dir / "train_data.jsonl" and Path(config["dataset"]).exists()
+    rerun = subprocess.run([sys.executable, "-m", "nca_kit.train", "--config", str(run_dir / "config.yaml"),
+                            "--output_dir", str(tmp_path / "rerun")], capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+
+    def losses(folder):
+        return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()
+                if "loss" in json.loads(line)]
+
+    assert losses(tmp_path / "rerun") == losses(run_dir) and len(losses(run_dir)) == 3
