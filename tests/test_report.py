@@ -110,7 +110,7 @@ def test_alpha_beta_records_are_exported_and_tabulated(tmp_path):
     assert "| sample_reward | nca | 2 | 2.5000 | 1.5000 | 3.5000 | 2.0000 | 0.6667 |" in tables
     assert "| nca | 0.1 | 1.5000 (2) | 3.5000 (2) |  |" in tables and "| dpo | 0.1 |  |  | 2.5000 (2) |" in tables
     assert "| nca | 4 | -1.00 | +2.00 | 1 | seed 0: 1 |" in tables and "| dpo | 2 | -0.50 | -0.50 | 2 |" in tables
-    noise = report.alpha_beta_block("", records)
+    noise = report.alpha_beta_block(records)
     assert "| sample_reward | nca | 2 | 2.0000 |" in noise and "results/alpha_beta/" in noise
 
 
