@@ -375,7 +375,6 @@ def collect(out: Path, docs: Path | None, prefix: str = "tiny_") -> None:
 # The alpha x beta grid (Fig. 6/8)
 # --------------------------------------------------------------------------------------------------------------------
 
-AB_METRICS = robustness.METRIC_LABELS
 
 
 def alpha_beta_specs(alphas, betas, seeds, methods, params: dict, smoke: bool = False) -> list[ExperimentSpec]:
@@ -414,14 +413,14 @@ def collect_alpha_beta(out: Path, docs: Path | None, records_dir: Path | None = 
         print(f"wrote {len(written)} records into {records_dir} (then `python -m nca_kit.report` rebuilds the page)")
     rows = [flat_row(r) for r in records]
     write_csv(out / "alpha_beta.csv", rows)
-    table = robustness.summary_markdown(records, tuple(AB_METRICS)) + "".join(
-        "\n" + robustness.grid_markdown(records, m) for m in AB_METRICS)
+    table = robustness.summary_markdown(records, tuple(robustness.METRIC_LABELS)) + "".join(
+        "\n" + robustness.grid_markdown(records, m) for m in robustness.METRIC_LABELS)
     (out / "alpha_beta_table.md").write_text(table)
     import matplotlib
 
     matplotlib.use("Agg")
     paths = []
-    for metric, label in AB_METRICS.items():
+    for metric, label in robustness.METRIC_LABELS.items():
         path = out / f"alpha_beta_{metric}.png"
         robustness.plot_grid(records, metric, label=label, path=path)
         paths.append(path)

@@ -383,6 +383,14 @@ def tree_supported(model) -> bool:
     return _attention_implementation(model) in TREE_ATTENTION
 
 
+def _require_tree(model) -> None:
+    if not tree_supported(model):
+        raise ValueError(f"the tree layout needs an attention implementation that takes its custom 4D mask (dense "
+                         f"under eager/sdpa, a BlockMask under flex_attention: {TREE_ATTENTION}); this model uses "
+                         f"{_attention_implementation(model)!r}: use the packed or shared_prompt layout (or "
+                         "encode_prefixes/continue_from_prefixes)")
+
+
 def sparse_attention(implementation: str | None) -> bool:
     """Whether an attention implementation skips masked query-key pairs rather than computing every pair of a row.
 
@@ -445,11 +453,7 @@ def tree_plan(prefixes, continuations) -> dict:
 def _tree_hidden(model, plan: dict) -> torch.Tensor:
     """Final hidden states ``(B, L, H)`` of a :func:`tree_plan` (on the model's device) under the tree mask: a dense
     additive ``(B, 1, L, L)`` mask for eager/sdpa, a ``BlockMask`` for flex attention. Reads nothing back."""
-    if not tree_supported(model):
-        raise ValueError(f"the tree layout needs an attention implementation that takes its custom mask (a 4D "
-                         f"mask or a flex BlockMask: {TREE_ATTENTION}); this model uses "
-                         f"{_attention_implementation(model)!r}: use the packed or shared_prompt layout (or "
-                         "encode_prefixes/continue_from_prefixes)")
+    _require_tree(model)
     seg = plan["segments"]  # (B, L)
     if _attention_implementation(model) == "flex_attention":
         mask = _tree_block_mask(seg)  # BlockMask (B, 1, L, L)
@@ -485,10 +489,7 @@ def tree_states(model, prefixes, continuations) -> tuple[torch.Tensor, torch.Ten
         ``(states (N, T + 1, H), ids (N, T), mask (N, T))`` in the order of ``continuations`` flattened: ``states[n,
         t]`` predicts continuation token ``t`` (``t = 0``: the prefix's last state); ``mask`` marks real tokens.
     """
-    if not tree_supported(model):
-        raise ValueError(f"tree_states needs one of the attention implementations {TREE_ATTENTION} (a custom 4D "
-                         f"mask); this model uses {_attention_implementation(model)!r}: use "
-                         "encode_prefixes/continue_from_prefixes")
+    _require_tree(model)  # before the host work of the plan
     plan = tree_plan(prefixes, continuations)
     t_max = int(plan["length"].max())
     plan = _on(plan, next(_unwrap(model).parameters()).device)
@@ -520,7 +521,7 @@ def tree_prompt_plan(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss
             raise ValueError("tree_prompt_states: the rows of a prompt must be consecutive, prompts numbered 0, 1, ..")
         continuations[-1].append(ids[n][p_list[n]:s_list[n]])
     plan = tree_plan(prefixes, continuations)
-    plan["prompt_len"] = prompt_len.long().cpu()
+    plan["prompt_len"] = prompt_len.long()
     return plan
 
 

@@ -34,12 +34,6 @@ STEP = 16  # pairs per cache block (32 responses)
 
 
 def main(argv=None) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from nca_kit import plots
     from nca_kit.models import load_model
     from nca_kit.rewards import studies
 
@@ -66,14 +60,11 @@ def main(argv=None) -> int:
     start = time.time()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    figures = args.figures  # the docs' figures come from the record: python -m nca_kit.report
-    if figures is not None:
-        figures.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(args.model, device="cpu")
     results: dict = {"model": args.model, "command": "python scripts/flr_eval.py " + " ".join(argv or sys.argv[1:])}
 
     if args.arith_prompts:
-        arithmetic(args, model, tokenizer, figures, results)
+        arithmetic(args, model, tokenizer, results)
     if args.pairs:
         pairs = studies.hh_pairs(args.pairs, seed=args.seed)
         deadline = start + 60 * args.minutes
@@ -94,27 +85,21 @@ def main(argv=None) -> int:
                                      for (s, c), r in evaluation.scorers().items()}}
         print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
         print(json.dumps(results["hh"]["disagreement"], indent=1))
-        if figures is not None:
-            fig, ax = plt.subplots(figsize=(9, 3.8))
-            plots.plot_pair_accuracy(table, ax, title="HH-RLHF harmless-base, SmolLM2-135M-Instruct")
-            fig.tight_layout()
-            fig.savefig(figures / "rewards_flr_hh_accuracy.png", dpi=120)
-            fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-            plots.plot_score_distributions(evaluation, "paper", axes)
-            fig.tight_layout()
-            fig.savefig(figures / "rewards_flr_hh_distributions.png", dpi=120)
 
     results["wall_seconds"] = round(time.time() - start, 1)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"wall time {results['wall_seconds']:.0f} s; results in {args.out / 'results.json'}")
+    if args.figures is not None:  # the figures python -m nca_kit.report draws from the record, drawn here too
+        from nca_kit.report import flr_figures
+
+        args.figures.mkdir(parents=True, exist_ok=True)
+        print("figures: " + ", ".join(str(p) for p in flr_figures(args.out / "results.json", args.figures)))
     return 0
 
 
-def arithmetic(args, model, tokenizer, figures: Path | None, results: dict) -> None:
+def arithmetic(args, model, tokenizer, results: dict) -> None:
     """Part 2: FLR (arithmetic and helpfulness correctness follow-ups) and Direct against the rubric."""
-    import matplotlib.pyplot as plt
-
-    from nca_kit import generate, plots
+    from nca_kit import generate
     from nca_kit.rewards import studies
     from nca_kit.tasks import CORRECT_THRESHOLD
 
@@ -127,11 +112,7 @@ def arithmetic(args, model, tokenizer, figures: Path | None, results: dict) -> N
     table.to_csv(args.out / "arith_table.csv", index=False)
     results["arith"] = {"n_prompts": len(train), "k": 4, "table": table.to_dict("records")}
     print(table.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
-    if figures is not None:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
-        plots.plot_k_response_scorers(table, len(train), axes)
-        fig.tight_layout()
-        fig.savefig(figures / "rewards_flr_arith.png", dpi=120)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -275,7 +275,7 @@ def test_layout_is_validated(batch):
     with pytest.raises(ValueError, match="right-padded"):
         sequence_logps(model, left, forward="packed")
     model.config._attn_implementation = "flash_attention_2"  # takes no custom 4D mask: tree says so before running
-    with pytest.raises(ValueError, match="takes its custom mask"):
+    with pytest.raises(ValueError, match="custom 4D mask"):
         sequence_logps(model, batch, forward="tree")
 
 
