@@ -214,7 +214,9 @@ def _beta_label(records: list[dict]) -> str:
     return f" (β = {betas.pop():g})" if len(betas) == 1 and None not in betas else ""
 
 
-def figures(rows: list[dict], records: list[dict], out: Path) -> list[Path]:
+def figures(rows: list[dict], records: list[dict], out: Path, prefix: str = "") -> list[Path]:
+    """``results.png``, ``likelihood_trends.png`` and ``k_ablation.png`` (each where its runs exist) in ``out``, every
+    name after ``prefix``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,7 +234,7 @@ def figures(rows: list[dict], records: list[dict], out: Path) -> list[Path]:
             stats = [spread([r[metric] for r in runs]) for runs in k4.values()]
             series[label] = ([base[f"base_{metric}"]] + [s[0] for s in stats],
                              [(0.0, 0.0)] + [(s[0] - s[1], s[2] - s[0]) for s in stats])
-        path = out / "results.png"
+        path = out / f"{prefix}results.png"
         plots.plot_error_bars(names, series, xlabel="method (K = 4; pairs for dpo / pair_nca)",
                               ylabel="held-out fraction correct",
                               title="Held-out accuracy by method (mean, min-max over seeds)", path=path)
@@ -253,7 +255,7 @@ def figures(rows: list[dict], records: list[dict], out: Path) -> list[Path]:
             trend_series[f"{method}: {label} answer"] = (steps, mean, [min(c) for c in columns],
                                                         [max(c) for c in columns])
     if trend_series:
-        path = out / "likelihood_trends.png"
+        path = out / f"{prefix}likelihood_trends.png"
         plots.plot_band_lines(trend_series, hline=(0.0, "reference (step 0)"), xlabel="optimizer step",
                               ylabel="log π(y|x) − log μ(y|x) on the step's prompts [nats]",
                               title=f"Fig. 5 at 135M{_beta_label(records)}: likelihood of the best / worst "
@@ -262,7 +264,7 @@ def figures(rows: list[dict], records: list[dict], out: Path) -> list[Path]:
     series, common = k_ablation_series(groups)
     if series:
         seeds = ("seed " if len(common) == 1 else "seeds ") + ", ".join(str(s) for s in sorted(common))
-        path = out / "k_ablation.png"
+        path = out / f"{prefix}k_ablation.png"
         plots.plot_band_lines(series, xlabel="K (responses per prompt: best + K-1 others)",
                               ylabel="held-out mean sample reward (0-10)",
                               xticks=sorted({k for xs, *_ in series.values() for k in xs}),
@@ -338,7 +340,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def collect(out: Path, docs: Path | None, prefix: str = "tiny_") -> None:
+def collect(out: Path, docs: Path | None, prefix: str = "tiny_", records_dir: Path | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -346,6 +348,9 @@ def collect(out: Path, docs: Path | None, prefix: str = "tiny_") -> None:
     if not records:
         print(f"no results.json under {out / 'tiny_runs'}")
         return
+    if records_dir is not None:
+        written = export_records(out, records_dir)
+        print(f"wrote {len(written)} records into {records_dir} (then `python -m nca_kit.report` rebuilds the page)")
     all_rows = [flat_row(r) for r in records]
     write_csv(out / "results.csv", all_rows)
     paths = []
@@ -390,13 +395,22 @@ def alpha_beta_specs(alphas, betas, seeds, methods, params: dict, smoke: bool = 
 
 
 def export_records(out: Path, records_dir: Path) -> list[Path]:
-    """Each finished run's record under ``<out>/*/tiny_runs/<run>/results.json`` as a small committed file
-    ``<records_dir>/<cell>/<run>.json`` (everything but ``paths``, which name this machine's run folders)."""
+    """Each finished run's record as a small committed file: ``<out>/tiny_runs/<run>/results.json`` (a plain or
+    sources grid) -> ``<records_dir>/<run>.json``, ``<out>/<cell>/tiny_runs/<run>/results.json`` (the α × β grid) ->
+    ``<records_dir>/<cell>/<run>.json``. The record keeps everything but ``paths`` (they name this machine's run
+    folders) and gains ``log``: the run's per-step training log (``metrics.jsonl``: loss, implicit rewards per slot,
+    log-probs), which some pages quote."""
     written = []
-    for path in sorted(Path(out).glob("*/tiny_runs/*/results.json")):
+    out, records_dir = Path(out), Path(records_dir)
+    found = [(p, records_dir) for p in sorted(out.glob("tiny_runs/*/results.json"))]
+    found += [(p, records_dir / p.parents[2].name) for p in sorted(out.glob("*/tiny_runs/*/results.json"))]
+    for path, folder in found:
         record = json.loads(path.read_text())
         record.pop("paths", None)
-        target = Path(records_dir) / path.parents[2].name / f"{path.parent.name}.json"
+        log = path.parent / "metrics.jsonl"
+        if log.exists():
+            record["log"] = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        target = folder / f"{path.parent.name}.json"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
         written.append(target)

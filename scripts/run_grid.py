@@ -6,6 +6,7 @@ and figures.
     python scripts/run_grid.py --out runs/grid --full               # + dpo_x3, dpo_all_pairs, pair_nca, K = 2, 3
     python scripts/run_grid.py --out runs/grid --seeds 0 -p STEPS 12
     python scripts/run_grid.py --out runs/grid --collect-only --docs docs   # table + figures from finished runs
+    python scripts/run_grid.py --out runs/grid --collect-only --records results/tiny_grid   # committed run records
     python scripts/run_grid.py --out runs/loop --sources rubric embedding_bt flr random --seeds 0 -p STEPS 12
     python scripts/run_grid.py --out runs/alpha_beta --alphas 0.01 0.1 1 --betas 0.01 0.1 1 --seeds 0 1  # Fig. 6/8
 
@@ -72,8 +73,8 @@ def main(argv=None) -> int:
     parser.add_argument("--docs", type=Path, default=None, help="also copy the figures into this folder")
     parser.add_argument("--docs-prefix", default="tiny_", help="file-name prefix of the figures copied to --docs")
     parser.add_argument("--records", type=Path, default=None,
-                        help="alpha x beta mode: also write each run's record (no weights, no local paths) into "
-                             "this folder, e.g. results/alpha_beta, which python -m nca_kit.report reads")
+                        help="also write each finished run's record (no weights, no local paths) into this folder, "
+                             "e.g. results/tiny_grid or results/alpha_beta, which python -m nca_kit.report reads")
     args = parser.parse_args(argv)
 
     out = args.out
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     if alpha_beta:
         grid.collect_alpha_beta(out, args.docs, args.records)
     else:
-        grid.collect(out, args.docs, args.docs_prefix)
+        grid.collect(out, args.docs, args.docs_prefix, args.records)
     return 1 if failed else 0
 
 
